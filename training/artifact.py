@@ -99,13 +99,14 @@ def verified_model_path(version_dir: Path, manifest: Manifest, variant: Variant)
     size = path.stat().st_size
     if size != entry.size_bytes:
         raise ModelArtifactError(
-            f"model file {path} is {size} bytes, manifest says {entry.size_bytes}: truncated or replaced"
+            f"model file {path} is {size} bytes, manifest says {entry.size_bytes}: "
+            "truncated or replaced"
         )
     actual = sha256_of(path)
     if actual != entry.sha256:
         raise ModelArtifactError(
-            f"model file {path} sha256 {actual[:12]}... does not match manifest {entry.sha256[:12]}...: "
-            "refusing to serve a tampered model"
+            f"model file {path} sha256 {actual[:12]}... does not match "
+            f"manifest {entry.sha256[:12]}...: refusing to serve a tampered model"
         )
     return path
 

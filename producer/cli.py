@@ -1,0 +1,165 @@
+"""`python -m producer`: enqueue, poll, wait, score files, read the health report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from producer.bulk import score_csv
+from producer.client import Client, TaskStatus
+from producer.errors import InferenceError
+from producer.settings import ProducerSettings, redact
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _print_status(status: TaskStatus) -> int:
+    _print_json(status.model_dump(exclude_none=True))
+    return 1 if status.error is not None and status.ready else 0
+
+
+def _finish(client: Client, task_id: str, wait: bool, timeout: float | None) -> int:
+    if not wait:
+        print(task_id)
+        return 0
+    (status,) = client.wait_any([task_id], timeout)
+    return _print_status(status)
+
+
+def cmd_predict(client: Client, args: argparse.Namespace) -> int:
+    task_id = client.submit(args.features, queue=args.queue)
+    return _finish(client, task_id, not args.no_wait, args.timeout)
+
+
+def cmd_batch(client: Client, args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.rows == "-" else Path(args.rows).read_text()
+    rows = json.loads(text)
+    if isinstance(rows, dict):
+        rows = rows.get("rows")
+    task_id = client.submit_batch(rows, queue=args.queue)
+    return _finish(client, task_id, not args.no_wait, args.timeout)
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    return _print_status(client.status(args.task_id))
+
+
+def cmd_wait(client: Client, args: argparse.Namespace) -> int:
+    return _finish(client, args.task_id, True, args.timeout)
+
+
+def cmd_score(client: Client, args: argparse.Namespace) -> int:
+    summary = score_csv(
+        client,
+        Path(args.input),
+        Path(args.output),
+        queue=args.queue,
+        chunk_rows=args.chunk_rows,
+        max_in_flight=args.in_flight,
+        features=args.features.split(",") if args.features else None,
+        progress=not args.no_progress,
+        timeout_s=args.timeout,
+    )
+    print(
+        f"scored {summary.rows} rows in {summary.chunks} chunks in {summary.seconds:.2f}s "
+        f"({summary.rows_per_s:,.0f} rows/s) -> {args.output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def format_health(report: dict[str, Any]) -> str:
+    lines = [f"status: {report['status']}   queue depths: {report['queue_depths']}"]
+    for w in report["workers"]:
+        lat = w["latency"]
+        lines.append(
+            f"  {w['hostname']}: {w['processes']} process(es), pool {w['pool']}, "
+            f"queues {w['queues']}, "
+            f"model {w['model_name']}/{w['model_version']} on {w['device']} ({w['provider']}), "
+            f"done {w['jobs_done']} failed {w['jobs_failed']} rows {w['rows_done']}, "
+            f"task p50/p95/p99 {lat['p50_ms']}/{lat['p95_ms']}/{lat['p99_ms']} ms, "
+            f"up {w['uptime_s']:.0f}s"
+        )
+    if not report["workers"]:
+        lines.append("  no live workers")
+    return "\n".join(lines)
+
+
+def cmd_health(client: Client, args: argparse.Namespace) -> int:
+    report = client.health()
+    if report is None:
+        print("no health report yet: is `celery -A worker beat` running?", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_health(report))
+    return 0 if report["status"] == "ok" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m producer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_queue_wait(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--queue", default="cpu", help="cpu, gpu, or a queue name (default cpu)")
+        p.add_argument("--no-wait", action="store_true", help="print the task id and return")
+        p.add_argument("--timeout", type=float, default=None, help="seconds to wait")
+
+    p = sub.add_parser("predict", help="one row: python -m producer predict 0.1 0.2 0.3 0.4 0.5")
+    p.add_argument("features", nargs="+", type=float)
+    add_queue_wait(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("batch", help="rows from a JSON file ([[...], ...]) or - for stdin")
+    p.add_argument("rows")
+    add_queue_wait(p)
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("status", help="a task's state, result or error, without waiting")
+    p.add_argument("task_id")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("wait", help="wait for a task and print its result or error")
+    p.add_argument("task_id")
+    p.add_argument("--timeout", type=float, default=None)
+    p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser("score", help="score a CSV file: every row back, in order")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--queue", default="cpu")
+    p.add_argument("--chunk-rows", type=int, default=None)
+    p.add_argument("--in-flight", type=int, default=None)
+    p.add_argument("--features", default=None, help="comma-separated feature column names")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for one chunk")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("health", help="the latest health report")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = ProducerSettings()
+    try:
+        with Client(settings) as client:
+            return int(args.func(client, args))
+    except InferenceError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except TimeoutError as exc:
+        print(f"error: timeout: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        print(f"error: {exc} (redis: {redact(settings.redis_url)})", file=sys.stderr)
+        return 4

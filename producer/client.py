@@ -1,0 +1,212 @@
+"""The producer client: enqueue jobs by task name, poll or wait for their results.
+
+Results are read straight from the result backend with GET/MGET, not through
+one pub/sub subscription per task, so collecting thousands of results never
+stalls on a subscription backlog.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import redis
+from celery import Celery
+from pydantic import BaseModel
+
+from producer import errors
+from producer.contract import (
+    HEADER_ENQUEUED_AT,
+    HEALTH_REPORT_KEY,
+    MODEL_INFO_KEY,
+    QUEUES,
+    TASK_PREDICT,
+    TASK_PREDICT_BATCH,
+    BatchRequest,
+    ModelInfo,
+    PredictRequest,
+    check_shape,
+    parse_request,
+)
+from producer.settings import ProducerSettings
+
+READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
+
+class TaskError(BaseModel):
+    type: str
+    message: str
+    retryable: bool
+
+
+class TaskStatus(BaseModel):
+    task_id: str
+    state: str
+    """PENDING (unknown or waiting), STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+    result: dict[str, Any] | None = None
+    error: TaskError | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state in READY_STATES
+
+
+def resolve_queue(queue: str) -> str:
+    """'cpu' / 'gpu' or a full queue name."""
+    return QUEUES.get(queue, queue)
+
+
+def error_from_meta(result: Any) -> TaskError:
+    if isinstance(result, dict) and "exc_type" in result:
+        exc_type = str(result["exc_type"])
+        message = result.get("exc_message")
+        if isinstance(message, list | tuple):
+            message = " ".join(str(m) for m in message)
+        cls = getattr(errors, exc_type, None)
+        retryable = (
+            isinstance(cls, type) and issubclass(cls, errors.InferenceError) and cls.retryable
+        )
+        return TaskError(type=exc_type, message=str(message), retryable=bool(retryable))
+    return TaskError(type="TaskFailed", message=str(result), retryable=False)
+
+
+def status_from_meta(task_id: str, raw: bytes | None) -> TaskStatus:
+    if raw is None:
+        return TaskStatus(task_id=task_id, state="PENDING")
+    meta = json.loads(raw)
+    state = str(meta.get("status", "PENDING"))
+    if state == "SUCCESS":
+        return TaskStatus(task_id=task_id, state=state, result=meta.get("result"))
+    if state in {"FAILURE", "REVOKED", "RETRY"}:
+        return TaskStatus(task_id=task_id, state=state, error=error_from_meta(meta.get("result")))
+    return TaskStatus(task_id=task_id, state=state)
+
+
+def raise_for(status: TaskStatus) -> dict[str, Any]:
+    """The result of a finished task, or its error raised as the matching exception."""
+    if status.state == "SUCCESS" and status.result is not None:
+        return status.result
+    err = status.error or TaskError(type="TaskFailed", message=status.state, retryable=False)
+    cls = getattr(errors, err.type, None)
+    if isinstance(cls, type) and issubclass(cls, errors.InferenceError):
+        raise cls(err.message)
+    raise errors.TaskFailed(f"{err.type}: {err.message}")
+
+
+class Client:
+    def __init__(self, settings: ProducerSettings | None = None) -> None:
+        self.settings = settings or ProducerSettings()
+        self.app = Celery("producer", broker=self.settings.broker, backend=self.settings.backend)
+        self.app.conf.update(
+            task_serializer="json",
+            result_serializer="json",
+            accept_content=["json"],
+            result_accept_content=["json"],
+            broker_connection_retry_on_startup=True,
+            result_expires=self.settings.result_ttl_s,
+        )
+        self.redis = redis.Redis.from_url(self.settings.backend)
+        self._model_info: ModelInfo | None = None
+
+    def close(self) -> None:
+        self.redis.close()
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- model facts, for validating before enqueueing -------------------------------------
+
+    def model_info(self, refresh: bool = False) -> ModelInfo | None:
+        """What the workers serve (published by them at start), or None if none ever started."""
+        if self._model_info is None or refresh:
+            raw = self.redis.get(MODEL_INFO_KEY)
+            self._model_info = None if raw is None else ModelInfo.model_validate_json(raw)
+        return self._model_info
+
+    def validate_rows(self, rows: list[list[float]]) -> None:
+        info = self.model_info()
+        if info is not None:
+            check_shape(rows, info.n_features, info.max_batch_rows)
+
+    # -- enqueue ---------------------------------------------------------------------------
+
+    def send(self, task: str, kwargs: dict[str, Any], queue: str = "cpu") -> str:
+        """Enqueue already-validated kwargs; returns the task id."""
+        result = self.app.send_task(
+            task,
+            kwargs=kwargs,
+            queue=resolve_queue(queue),
+            headers={HEADER_ENQUEUED_AT: time.time()},
+        )
+        return str(result.id)
+
+    def submit(self, features: Sequence[float], queue: str = "cpu") -> str:
+        request = parse_request(PredictRequest, (), {"features": list(features)})
+        self.validate_rows([request.features])
+        return self.send(TASK_PREDICT, request.model_dump(), queue)
+
+    def submit_batch(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
+        request = parse_request(BatchRequest, (), {"rows": [list(r) for r in rows]})
+        self.validate_rows(request.rows)
+        return self.send(TASK_PREDICT_BATCH, request.model_dump(), queue)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def _key(self, task_id: str) -> str:
+        return self.app.backend.get_key_for_task(task_id).decode()
+
+    def status(self, task_id: str) -> TaskStatus:
+        return status_from_meta(task_id, self.redis.get(self._key(task_id)))
+
+    def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]:
+        if not task_ids:
+            return []
+        raws = self.redis.mget([self._key(t) for t in task_ids])
+        return [status_from_meta(t, raw) for t, raw in zip(task_ids, raws, strict=True)]
+
+    def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """The task's result; its error raised as an exception; TimeoutError past `timeout`."""
+        for status in self.iter_finished([task_id], timeout):
+            return raise_for(status)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def iter_finished(
+        self, task_ids: Iterable[str], timeout: float | None = None
+    ) -> Iterator[TaskStatus]:
+        """Yield each task's final status as it finishes."""
+        pending = list(dict.fromkeys(task_ids))
+        while pending:
+            done = self.wait_any(pending, timeout)
+            finished = {s.task_id for s in done}
+            pending = [t for t in pending if t not in finished]
+            yield from done
+
+    def wait_any(self, task_ids: Sequence[str], timeout: float | None = None) -> list[TaskStatus]:
+        """The final statuses of those tasks that are finished, once at least one is;
+        polls with MGET, backing off from 0.5 ms to 20 ms."""
+        limit = self.settings.wait_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        delay = 0.0005
+        while True:
+            done = [s for s in self.statuses(task_ids) if s.ready]
+            if done or not task_ids:
+                return done
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(task_ids)} task(s) not finished after {limit:g}s "
+                    f"(first: {task_ids[0]}); are workers consuming the queue?"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.02)
+
+    # -- health ----------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any] | None:
+        raw = self.redis.get(HEALTH_REPORT_KEY)
+        return None if raw is None else json.loads(raw)

@@ -1,0 +1,76 @@
+"""Shared fixtures: a real Redis server, a trained model, real worker processes.
+
+Redis: the server at REDIS_URL when that is set, otherwise a private
+redis-server started for the session. Tests never flush it: each one works
+under its own task ids, worker names and keys.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from producer.embedded_redis import EmbeddedRedis
+from producer.settings import ProducerSettings
+from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel
+from training.artifact import load_manifest
+from worker.processes import celery_env, wait_ready, worker_process
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    external = os.environ.get("REDIS_URL")
+    if external:
+        yield external
+        return
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    from training.train import TrainConfig, run_training
+
+    model_dir = tmp_path_factory.mktemp("models")
+    outcome = run_training(TrainConfig(model_dir=model_dir, n_samples=3_000, n_jobs=1))
+    version_dir, manifest = load_manifest(model_dir, outcome.manifest.name)
+    return TrainedModel(model_dir, version_dir, manifest, outcome.X_test)
+
+
+@pytest.fixture(scope="session")
+def cpu_worker(
+    redis_url: str, trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningWorker]:
+    """One prefork worker (2 processes) on inference.cpu, shared by the integration tests."""
+    hostname = f"cpu-{uuid.uuid4().hex[:8]}@tests"
+    env = celery_env(
+        redis_url,
+        model_dir=trained_model.model_dir,
+        max_batch_rows=TEST_MAX_BATCH_ROWS,
+        heartbeat_s=0.5,
+    )
+    log = tmp_path_factory.mktemp("logs") / "cpu-worker.log"
+    proc = worker_process(env, log, queue="inference.cpu", name=hostname, concurrency=2).start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        wait_ready(proc, client, hostname, processes=2)
+        yield RunningWorker(proc, hostname, "inference.cpu")
+    finally:
+        proc.stop()
+        client.close()
+
+
+@pytest.fixture
+def producer_settings(redis_url: str) -> ProducerSettings:
+    return ProducerSettings(redis_url=redis_url, wait_timeout_s=30)

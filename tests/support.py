@@ -1,0 +1,44 @@
+"""Types and constants shared by the tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.artifact import Manifest
+from worker.processes import CeleryProcess
+
+TEST_MAX_BATCH_ROWS = 5_000
+"""The row limit the shared test worker is started with."""
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    model_dir: Path
+    version_dir: Path
+    manifest: Manifest
+    X_test: np.ndarray
+
+    def reference(self, rows: np.ndarray) -> np.ndarray:
+        """Predictions of the served ONNX file, run in this process."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        # One thread, as the workers run it, so trees are summed in the same order.
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(
+            str(self.version_dir / self.manifest.files["cpu"].path),
+            options,
+            providers=["CPUExecutionProvider"],
+        )
+        (out,) = session.run(None, {self.manifest.input_name: rows.astype(np.float32)})
+        return np.asarray(out).reshape(-1)
+
+
+@dataclass
+class RunningWorker:
+    process: CeleryProcess
+    hostname: str
+    queue: str

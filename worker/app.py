@@ -1,0 +1,49 @@
+"""The Celery application and its configuration, built from WorkerSettings."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from producer.contract import QUEUE_CPU, TASK_HEALTH, TASK_PREDICT, TASK_PREDICT_BATCH
+from worker.settings import WorkerSettings
+
+settings = WorkerSettings()
+
+app = Celery("inference", broker=settings.broker, backend=settings.backend)
+app.conf.update(
+    # Only JSON crosses the queue; a pickled message is refused, never deserialized.
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    # At-least-once: a job is acknowledged after it ran, and handed to another
+    # worker if its process dies. Predictions are idempotent, so a rerun is harmless.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    broker_connection_retry_on_startup=True,
+    worker_prefetch_multiplier=settings.prefetch_multiplier,
+    task_soft_time_limit=settings.task_soft_time_limit_s,
+    task_time_limit=settings.task_time_limit_s,
+    result_expires=settings.result_ttl_s,
+    task_default_queue=QUEUE_CPU,
+    task_routes={
+        TASK_PREDICT: {"queue": QUEUE_CPU},
+        TASK_PREDICT_BATCH: {"queue": QUEUE_CPU},
+        TASK_HEALTH: {"queue": settings.health_queue},
+    },
+    beat_schedule={
+        "inference-health": {
+            "task": TASK_HEALTH,
+            "schedule": settings.health_interval_s,
+            # A report nobody ran in time is stale: drop it rather than pile them up.
+            "options": {"queue": settings.health_queue, "expires": settings.health_interval_s},
+        }
+    },
+    worker_hijack_root_logger=True,
+)
+
+# Tasks and process lifecycle hooks register themselves on import.
+import worker.lifecycle  # noqa: E402
+import worker.tasks  # noqa: E402, F401

@@ -1,0 +1,116 @@
+"""The health report: live worker processes, grouped per worker, plus queue depths."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import numpy as np
+import redis
+from pydantic import ValidationError
+
+from producer.contract import (
+    HEALTH_REPORT_KEY,
+    WORKER_STATE_PREFIX,
+    HealthReport,
+    LatencySummary,
+    WorkerHealth,
+    WorkerState,
+)
+
+log = logging.getLogger(__name__)
+
+
+def live_states(client: redis.Redis) -> list[WorkerState]:
+    keys = sorted(client.scan_iter(match=f"{WORKER_STATE_PREFIX}*", count=500))
+    if not keys:
+        return []
+    states = []
+    for raw in client.mget(keys):
+        if raw is None:  # expired between SCAN and MGET
+            continue
+        try:
+            states.append(WorkerState.model_validate_json(raw))
+        except ValidationError:
+            continue
+    return states
+
+
+def summarize(samples: list[float]) -> LatencySummary:
+    if not samples:
+        return LatencySummary(count=0, p50_ms=None, p95_ms=None, p99_ms=None)
+    p50, p95, p99 = np.percentile(np.asarray(samples), [50, 95, 99])
+    return LatencySummary(
+        count=len(samples),
+        p50_ms=round(float(p50), 3),
+        p95_ms=round(float(p95), 3),
+        p99_ms=round(float(p99), 3),
+    )
+
+
+def group_by_worker(states: list[WorkerState], now: float) -> list[WorkerHealth]:
+    groups: dict[str, list[WorkerState]] = defaultdict(list)
+    for state in states:
+        groups[state.hostname].append(state)
+    workers = []
+    for hostname, procs in sorted(groups.items()):
+        first = min(procs, key=lambda s: s.started_at)
+        workers.append(
+            WorkerHealth(
+                hostname=hostname,
+                processes=len(procs),
+                queues=sorted({q for s in procs for q in s.queues}),
+                pool=first.pool,
+                model_name=first.model_name,
+                model_version=",".join(sorted({s.model_version for s in procs})),
+                provider=",".join(sorted({s.provider for s in procs})),
+                device=",".join(sorted({s.device for s in procs})),
+                jobs_done=sum(s.jobs_done for s in procs),
+                jobs_failed=sum(s.jobs_failed for s in procs),
+                rows_done=sum(s.rows_done for s in procs),
+                latency=summarize([ms for s in procs for ms in s.recent_task_ms]),
+                uptime_s=round(now - first.started_at, 1),
+                last_seen_s=round(now - max(s.updated_at for s in procs), 1),
+            )
+        )
+    return workers
+
+
+def queue_depths(broker: redis.Redis, queues: list[str]) -> dict[str, int]:
+    return {queue: int(broker.llen(queue)) for queue in queues}
+
+
+def build_report(
+    state_client: redis.Redis, broker_client: redis.Redis, queues: list[str]
+) -> HealthReport:
+    now = time.time()
+    workers = group_by_worker(live_states(state_client), now)
+    depths = queue_depths(broker_client, queues)
+    served = {q for w in workers for q in w.queues}
+    if not workers:
+        status = "down"
+    elif all(q in served for q in queues if depths.get(q)):
+        status = "ok"
+    else:
+        # Jobs are waiting on a queue that no live worker consumes.
+        status = "degraded"
+    return HealthReport(status=status, generated_at=now, workers=workers, queue_depths=depths)
+
+
+def store_report(client: redis.Redis, report: HealthReport, ttl_s: int) -> None:
+    client.set(HEALTH_REPORT_KEY, report.model_dump_json(), ex=ttl_s)
+
+
+def log_report(report: HealthReport) -> None:
+    log.info(
+        "health %s: %d worker(s) %s; queue depths %s",
+        report.status,
+        len(report.workers),
+        ", ".join(
+            f"{w.hostname}[{w.processes}p {w.provider} done={w.jobs_done} failed={w.jobs_failed} "
+            f"p50={w.latency.p50_ms}ms p99={w.latency.p99_ms}ms]"
+            for w in report.workers
+        ),
+        report.queue_depths,
+    )

@@ -1,0 +1,97 @@
+"""Worker start-up and shutdown: check the model and device, then load it per process.
+
+The main process only checks (artifact, sha256, provider): it never creates
+an inference session, so nothing heavy crosses a fork. Prefork children load
+the model in `worker_process_init`; solo and threads pools load it in
+`worker_init`, in the one process that runs tasks. Either way the model is
+loaded and warmed before the first job is taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery.apps.worker import Worker
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
+
+from producer.contract import QUEUE_CPU
+from producer.errors import StartupError
+from producer.settings import redact
+from worker import runtime
+from worker.app import settings
+from worker.model import check_provider, resolve_artifact
+
+log = logging.getLogger(__name__)
+
+# Filled in the main process by worker_init; prefork children inherit it.
+_identity: dict[str, Any] = {"hostname": "", "queues": [QUEUE_CPU], "pool": "prefork"}
+
+
+def pool_name(pool_cls: Any) -> str:
+    module = getattr(pool_cls, "__module__", None) or str(pool_cls)
+    return module.rsplit(".", 1)[-1].split(":")[0]
+
+
+def _refuse(reason: str) -> None:
+    log.critical("worker refuses to start: %s", reason)
+    raise SystemExit(f"worker refuses to start: {reason}")
+
+
+@worker_init.connect
+def _check_and_maybe_load(sender: Worker, **_: Any) -> None:
+    pool = pool_name(sender.pool_cls)
+    queues = sorted(sender.app.amqp.queues.consume_from or [QUEUE_CPU])
+    _identity.update(hostname=sender.hostname, queues=queues, pool=pool)
+    log.info(
+        "worker %s: queues %s, pool %s, broker %s",
+        sender.hostname,
+        queues,
+        pool,
+        redact(settings.broker),
+    )
+    try:
+        provider = check_provider(settings)
+        resolve_artifact(settings, provider)
+    except StartupError as exc:
+        _refuse(str(exc))
+    if settings.provider == "cuda" and pool == "prefork":
+        _refuse(
+            "INFERENCE_PROVIDER=cuda needs a CUDA-safe pool: start GPU workers with "
+            "-P solo (one process per GPU) or -P threads"
+        )
+    processes = sender.concurrency if pool == "prefork" else 1
+    cores = os.cpu_count() or 1
+    if processes * settings.intra_op_threads > cores:
+        log.warning(
+            "%d process(es) x %d intra-op thread(s) > %d cores: inference threads will contend",
+            processes,
+            settings.intra_op_threads,
+            cores,
+        )
+    if pool != "prefork":
+        _start_runtime()
+
+
+@worker_process_init.connect
+def _load_in_child(**_: Any) -> None:
+    _start_runtime()
+
+
+def _start_runtime() -> None:
+    try:
+        runtime.start(settings, _identity["hostname"], _identity["queues"], _identity["pool"])
+    except StartupError as exc:
+        _refuse(str(exc))
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    runtime.stop()

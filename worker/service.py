@@ -1,0 +1,96 @@
+"""Task bodies, free of Celery: validate, predict, time, count."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from producer.contract import (
+    BatchRequest,
+    BatchResult,
+    Latency,
+    PredictRequest,
+    PredictResult,
+    check_shape,
+    parse_request,
+)
+from worker.runtime import Runtime
+
+
+def queue_wait_ms(enqueued_at: Any, started_at: float) -> float | None:
+    """Milliseconds between the producer's enqueue and the task's start, if the header is sane."""
+    if isinstance(enqueued_at, bool) or not isinstance(enqueued_at, int | float):
+        return None
+    if not np.isfinite(enqueued_at):
+        return None
+    return round(max(0.0, (started_at - float(enqueued_at)) * 1000.0), 3)
+
+
+def _run(rt: Runtime, rows: list[list[float]]) -> tuple[np.ndarray, float]:
+    check_shape(rows, rt.model.n_features, rt.settings.max_batch_rows)
+    matrix = np.asarray(rows, dtype=np.float32)
+    t0 = time.perf_counter()
+    out = rt.model.predict(matrix)
+    return out, (time.perf_counter() - t0) * 1000.0
+
+
+def _common(rt: Runtime, hostname: str) -> dict[str, Any]:
+    manifest = rt.model.manifest
+    return {
+        "model_name": manifest.name,
+        "model_version": manifest.version,
+        "provider": rt.model.provider,
+        "device": rt.model.device,
+        "hostname": hostname,
+    }
+
+
+def predict_one(
+    rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any], enqueued_at: Any, hostname: str
+) -> dict[str, Any]:
+    started_wall, started = time.time(), time.perf_counter()
+    try:
+        request = parse_request(PredictRequest, args, kwargs)
+        out, inference_ms = _run(rt, [request.features])
+    except Exception:
+        rt.stats.failed()
+        raise
+    task_ms = (time.perf_counter() - started) * 1000.0
+    rt.stats.succeeded(task_ms, 1)
+    result = PredictResult(
+        prediction=float(out[0]),
+        latency=Latency(
+            queue_wait_ms=queue_wait_ms(enqueued_at, started_wall),
+            inference_ms=round(inference_ms, 3),
+            task_ms=round(task_ms, 3),
+        ),
+        **_common(rt, hostname),
+    )
+    return result.model_dump()
+
+
+def predict_batch(
+    rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any], enqueued_at: Any, hostname: str
+) -> dict[str, Any]:
+    started_wall, started = time.time(), time.perf_counter()
+    try:
+        request = parse_request(BatchRequest, args, kwargs)
+        out, inference_ms = _run(rt, request.rows)
+    except Exception:
+        rt.stats.failed()
+        raise
+    task_ms = (time.perf_counter() - started) * 1000.0
+    rt.stats.succeeded(task_ms, len(request.rows))
+    result = BatchResult(
+        predictions=out.astype(np.float64).tolist(),
+        rows=len(request.rows),
+        latency=Latency(
+            queue_wait_ms=queue_wait_ms(enqueued_at, started_wall),
+            inference_ms=round(inference_ms, 3),
+            task_ms=round(task_ms, 3),
+        ),
+        **_common(rt, hostname),
+    )
+    return result.model_dump()

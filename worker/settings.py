@@ -1,0 +1,70 @@
+"""Worker settings, read from the environment (prefix INFERENCE_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from producer.contract import QUEUE_CPU
+from producer.settings import ConnectionSettings
+
+
+class WorkerSettings(ConnectionSettings):
+    model_dir: Path = Path("models")
+    """Directory holding trained models (<model_dir>/<name>/<version>/)."""
+
+    model_name: str = "friedman1"
+    """Name of the model to serve."""
+
+    model_version: str | None = None
+    """Version to serve; unset follows <model_dir>/<name>/CURRENT."""
+
+    provider: Literal["cpu", "cuda"] = "cpu"
+    """Execution provider: cpu (onnxruntime) or cuda (onnxruntime-gpu, GPU model variant)."""
+
+    allow_cpu_fallback: bool = False
+    """With provider=cuda and no usable GPU, serve on the CPU instead of refusing to start."""
+
+    cuda_device_id: int = Field(default=0, ge=0)
+    """CUDA device index, counted among the devices CUDA_VISIBLE_DEVICES leaves visible."""
+
+    intra_op_threads: int = Field(default=1, ge=1)
+    """onnxruntime intra-op threads per worker process (processes x threads <= cores)."""
+
+    max_batch_rows: int = Field(default=100_000, ge=1)
+    """Most rows accepted in one inference.predict_batch job."""
+
+    task_soft_time_limit_s: float = Field(default=60.0, gt=0)
+    """Seconds after which a running task is interrupted with an error."""
+
+    task_time_limit_s: float = Field(default=90.0, gt=0)
+    """Seconds after which a running task's process is killed and replaced."""
+
+    visibility_timeout_s: int = Field(default=3_600, ge=1)
+    """Seconds before Redis redelivers an unacknowledged job (must exceed the time limit)."""
+
+    prefetch_multiplier: int = Field(default=4, ge=1)
+    """Jobs each worker process reserves ahead of the one it runs."""
+
+    health_interval_s: float = Field(default=30.0, gt=0)
+    """Seconds between two health reports (celery beat)."""
+
+    health_queue: str = QUEUE_CPU
+    """Queue the health task is sent to; any worker consuming it gathers the report."""
+
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    """Seconds between two refreshes of a worker process's state in Redis."""
+
+    warmup_runs: int = Field(default=20, ge=0)
+    """Inference runs made at process start, before the first job is taken."""
+
+    @model_validator(mode="after")
+    def _limits_are_consistent(self) -> WorkerSettings:
+        if self.task_soft_time_limit_s > self.task_time_limit_s:
+            raise ValueError("task_soft_time_limit_s must not exceed task_time_limit_s")
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            # Redis would hand a still-running job to a second worker.
+            raise ValueError("visibility_timeout_s must exceed task_time_limit_s")
+        return self
