@@ -40,10 +40,15 @@ class ScoreSummary:
 @dataclass
 class _Chunk:
     index: int
-    first_line: int
+    lines: list[int]
+    """File line number of each row (the header is line 1)."""
     raw: list[list[str]]
     task_id: str = ""
     predictions: list[float] | None = None
+
+    @property
+    def first_line(self) -> int:
+        return self.lines[0]
 
 
 def choose_columns(header: list[str], n_features: int | None, names: list[str] | None) -> list[int]:
@@ -62,8 +67,7 @@ def choose_columns(header: list[str], n_features: int | None, names: list[str] |
 
 def _parse(chunk: _Chunk, columns: list[int]) -> list[list[float]]:
     rows = []
-    for offset, raw in enumerate(chunk.raw):
-        line = chunk.first_line + offset
+    for line, raw in zip(chunk.lines, chunk.raw, strict=True):
         try:
             values = [float(raw[c]) for c in columns]
         except (ValueError, IndexError):
@@ -75,17 +79,17 @@ def _parse(chunk: _Chunk, columns: list[int]) -> list[list[float]]:
 
 
 def _read_chunks(reader: Iterator[list[str]], chunk_rows: int) -> Iterator[_Chunk]:
-    index, line, batch = 0, 2, []  # line 1 is the header
-    for raw in reader:
+    index, lines, batch = 0, [], []
+    for line, raw in enumerate(reader, start=2):  # line 1 is the header
         if not raw:
-            line += 1
             continue
+        lines.append(line)
         batch.append(raw)
         if len(batch) == chunk_rows:
-            yield _Chunk(index, line, batch)
-            index, line, batch = index + 1, line + len(batch), []
+            yield _Chunk(index, lines, batch)
+            index, lines, batch = index + 1, [], []
     if batch:
-        yield _Chunk(index, line, batch)
+        yield _Chunk(index, lines, batch)
 
 
 def _count_rows(path: Path) -> int:

@@ -37,6 +37,8 @@ app.conf.update(
         "inference-health": {
             "task": TASK_HEALTH,
             "schedule": settings.health_interval_s,
+            # The report outlives three missed runs of the beat that scheduled it.
+            "kwargs": {"ttl_s": int(settings.health_interval_s * 3) + 1},
             # A report nobody ran in time is stale: drop it rather than pile them up.
             "options": {"queue": settings.health_queue, "expires": settings.health_interval_s},
         }

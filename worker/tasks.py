@@ -51,12 +51,13 @@ def predict_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 @app.task(name=TASK_HEALTH, ignore_result=True)
-def report_health() -> dict[str, Any]:
+def report_health(ttl_s: int | None = None) -> dict[str, Any]:
     state = redis.Redis.from_url(settings.backend)
     broker = redis.Redis.from_url(settings.broker)
     try:
         report = health.build_report(state, broker, sorted(QUEUES.values()))
-        health.store_report(state, report, ttl_s=int(settings.health_interval_s * 3) + 1)
+        ttl = ttl_s if isinstance(ttl_s, int) and ttl_s > 0 else int(settings.health_interval_s * 3) + 1
+        health.store_report(state, report, ttl_s=ttl)
     finally:
         state.close()
         broker.close()
