@@ -158,7 +158,7 @@ def _pump(
     client: Client,
     reader: Iterator[list[str]],
     writer: csv._writer,  # type: ignore[name-defined]
-    bar: tqdm,  # type: ignore[type-arg]
+    bar: tqdm,
     columns: list[int],
     chunk_rows: int,
     max_in_flight: int,

@@ -72,7 +72,7 @@ def error_from_meta(result: Any) -> TaskError:
     return TaskError(type="TaskFailed", message=str(result), retryable=False)
 
 
-def status_from_meta(task_id: str, raw: bytes | None) -> TaskStatus:
+def status_from_meta(task_id: str, raw: bytes | str | None) -> TaskStatus:
     if raw is None:
         return TaskStatus(task_id=task_id, state="PENDING")
     meta = json.loads(raw)
@@ -159,7 +159,8 @@ class Client:
     # -- results ---------------------------------------------------------------------------
 
     def _key(self, task_id: str) -> str:
-        return self.app.backend.get_key_for_task(task_id).decode()
+        key: bytes = self.app.backend.get_key_for_task(task_id)  # type: ignore[attr-defined]
+        return key.decode()
 
     def status(self, task_id: str) -> TaskStatus:
         return status_from_meta(task_id, self.redis.get(self._key(task_id)))

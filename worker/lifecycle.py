@@ -13,7 +13,6 @@ import logging
 import os
 from typing import Any
 
-from celery.apps.worker import Worker
 from celery.signals import (
     worker_init,
     worker_process_init,
@@ -45,7 +44,8 @@ def _refuse(reason: str) -> None:
 
 
 @worker_init.connect
-def _check_and_maybe_load(sender: Worker, **_: Any) -> None:
+def _check_and_maybe_load(sender: Any, **_: Any) -> None:
+    """`sender` is the celery.apps.worker.Worker being started."""
     pool = pool_name(sender.pool_cls)
     queues = sorted(sender.app.amqp.queues.consume_from or [QUEUE_CPU])
     _identity.update(hostname=sender.hostname, queues=queues, pool=pool)

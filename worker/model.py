@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from producer.errors import ProviderUnavailable
-from training.artifact import Manifest, load_manifest, verified_model_path
+from training.artifact import Manifest, Variant, load_manifest, verified_model_path
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,12 @@ def check_provider(settings: WorkerSettings) -> str:
     )
 
 
-def resolve_artifact(settings: WorkerSettings, provider: str) -> tuple[Manifest, Path, str]:
+def resolve_artifact(settings: WorkerSettings, provider: str) -> tuple[Manifest, Path, Variant]:
     """Manifest, verified model path and variant for this provider (cheap; no session)."""
     version_dir, manifest = load_manifest(
         settings.model_dir, settings.model_name, settings.model_version
     )
-    variant = "gpu" if provider == CUDA else "cpu"
+    variant: Variant = "gpu" if provider == CUDA else "cpu"
     return manifest, verified_model_path(version_dir, manifest, variant), variant
 
 

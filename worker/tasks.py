@@ -20,7 +20,7 @@ from worker.app import app, settings
 
 # Bad input is an expected outcome: logged without a traceback, never retried.
 # A process without its model may recover: retried with backoff.
-_POLICY = {
+_POLICY: dict[str, Any] = {
     "throws": (PermanentError,),
     "autoretry_for": (TransientError,),
     "retry_backoff": True,
@@ -56,7 +56,8 @@ def report_health(ttl_s: int | None = None) -> dict[str, Any]:
     broker = redis.Redis.from_url(settings.broker)
     try:
         report = health.build_report(state, broker, sorted(QUEUES.values()))
-        ttl = ttl_s if isinstance(ttl_s, int) and ttl_s > 0 else int(settings.health_interval_s * 3) + 1
+        default_ttl = int(settings.health_interval_s * 3) + 1
+        ttl = ttl_s if isinstance(ttl_s, int) and ttl_s > 0 else default_ttl
         health.store_report(state, report, ttl_s=ttl)
     finally:
         state.close()

@@ -1,0 +1,192 @@
+"""The whole system on one machine: `python -m worker.demo`.
+
+Trains a model if none exists, starts Redis (a private one unless REDIS_URL is
+set), a CPU worker and beat, sends sample jobs and a bulk file through the
+queue, prints results with their latency and the health report, then stops
+everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from producer.bulk import score_csv
+from producer.cli import format_health
+from producer.client import Client
+from producer.contract import HEALTH_REPORT_KEY, TASK_PREDICT, HealthReport
+from producer.embedded_redis import EmbeddedRedis
+from producer.settings import ProducerSettings, redact
+from training.artifact import CURRENT_FILE
+from worker.processes import beat_process, celery_env, wait_ready, worker_process
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    url = os.environ.get("REDIS_URL") or os.environ.get("INFERENCE_REDIS_URL")
+    if url:
+        say(f"using Redis at {redact(url)} (REDIS_URL)")
+        yield url
+        return
+    with EmbeddedRedis() as server:
+        say(f"started a private redis-server on {server.url}")
+        yield server.url
+
+
+def ensure_model(model_dir: Path, name: str) -> None:
+    if (model_dir / name / CURRENT_FILE).exists():
+        say(f"serving the existing model under {model_dir}/{name}")
+        return
+    say(f"no model under {model_dir}/{name}: training one (python -m training)")
+    from training.train import TrainConfig, run_training
+
+    outcome = run_training(TrainConfig(model_dir=model_dir, name=name), log=print)
+    m = outcome.manifest
+    print(
+        f"trained {m.name}/{m.version}: R2={m.metrics.get('r2'):.4f} MAE={m.metrics.get('mae'):.4f}"
+    )
+
+
+def write_sample_csv(path: Path, rows: int, n_features: int, names: list[str]) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    data = rng.uniform(0, 1, size=(rows, n_features)).astype(np.float32)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["row_id", *names])
+        for i, row in enumerate(data):
+            writer.writerow([i, *(repr(float(v)) for v in row)])
+    return data
+
+
+def wait_for_health(client: Client, hostname: str, since: float, timeout_s: float) -> HealthReport:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        raw = client.redis.get(HEALTH_REPORT_KEY)
+        if raw is not None:
+            report = HealthReport.model_validate_json(raw)
+            mine = [w for w in report.workers if w.hostname == hostname]
+            if report.generated_at > since and mine and mine[0].jobs_done > 0:
+                return report
+        if time.monotonic() > deadline:
+            raise TimeoutError("no health report arrived; see the beat log")
+        time.sleep(0.2)
+
+
+def run(args: argparse.Namespace) -> int:
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model_dir)
+    ensure_model(model_dir, args.model_name)
+
+    with redis_server() as url:
+        env = celery_env(
+            url, model_dir=model_dir.resolve(), model_name=args.model_name,
+            health_interval_s=args.health_interval, heartbeat_s=1,
+        )  # fmt: skip
+        hostname = f"demo-cpu-{os.getpid()}@{socket.gethostname()}"
+        worker = worker_process(
+            env, out_dir / "worker.log", queue="inference.cpu", name=hostname,
+            concurrency=args.processes,
+        )  # fmt: skip
+        beat = beat_process(env, out_dir / "beat.log", out_dir / "celerybeat-schedule")
+        say(f"starting a CPU worker ({args.processes} processes) and beat; logs in {out_dir}/")
+        started = time.monotonic()
+        worker.start()
+        beat.start()
+        try:
+            probe = redis.Redis.from_url(url)
+            wait_ready(worker, probe, hostname, args.processes, timeout_s=120)
+            probe.close()
+            print(f"worker ready (model loaded and warmed) in {time.monotonic() - started:.1f}s")
+            return demo_jobs(ProducerSettings(redis_url=url), hostname, out_dir, args)
+        finally:
+            say("stopping worker and beat")
+            print(f"worker exit code {worker.stop()}, beat exit code {beat.stop()}")
+
+
+def demo_jobs(
+    settings: ProducerSettings, hostname: str, out_dir: Path, args: argparse.Namespace
+) -> int:
+    since = time.time()
+    with Client(settings) as client:
+        info = client.model_info(refresh=True)
+        assert info is not None, "the worker published no model info"
+
+        say(f"single-row jobs on inference.cpu (model {info.name}/{info.version})")
+        rng = np.random.default_rng(0)
+        for row in rng.uniform(0, 1, size=(5, info.n_features)).round(3):
+            task_id = client.submit(row.tolist())
+            result = client.wait(task_id)
+            lat = result["latency"]
+            print(
+                f"  {row.tolist()} -> {result['prediction']:.4f}   "
+                f"queue {lat['queue_wait_ms']} ms, "
+                f"inference {lat['inference_ms']} ms, task {lat['task_ms']} ms   [{task_id[:8]}]"
+            )
+
+        say("a batch job of 1,000 rows")
+        batch = client.wait(
+            client.submit_batch(rng.uniform(0, 1, size=(1000, info.n_features)).tolist())
+        )
+        print(
+            f"  {batch['rows']} predictions, first {batch['predictions'][:3]}, "
+            f"latency {batch['latency']}"
+        )
+
+        say("bad input sent straight to the queue: a clear, typed error; the worker keeps serving")
+        bad_id = client.send(TASK_PREDICT, {"features": [1.0, "two"]})
+        (status,) = client.wait_any([bad_id])
+        if status.error is not None:
+            print(f"  {status.state}: {status.error.type}: {status.error.message}")
+
+        say(f"bulk scoring a CSV file of {args.rows:,} rows")
+        src, dst = out_dir / "sample.csv", out_dir / "scored.csv"
+        write_sample_csv(src, args.rows, info.n_features, info.feature_names)
+        summary = score_csv(client, src, dst, progress=sys.stderr.isatty())
+        with dst.open(newline="") as fh:
+            scored = sum(1 for _ in fh) - 1
+        print(
+            f"  {summary.rows:,} rows in {summary.chunks} chunks, {summary.seconds:.2f}s "
+            f"({summary.rows_per_s:,.0f} rows/s); {dst} has {scored:,} rows"
+        )
+        if scored != args.rows:
+            print("  ERROR: rows lost", file=sys.stderr)
+            return 1
+
+        say("health report (celery beat -> inference.health)")
+        report = wait_for_health(client, hostname, since, timeout_s=args.health_interval * 4 + 30)
+        print(format_health(report.model_dump()))
+        if args.json:
+            print(json.dumps(report.model_dump(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__)
+    parser.add_argument("--model-dir", default=os.environ.get("INFERENCE_MODEL_DIR", "models"))
+    parser.add_argument("--model-name", default=os.environ.get("INFERENCE_MODEL_NAME", "friedman1"))
+    parser.add_argument("--out-dir", default="out/demo", help="logs, sample and scored CSV")
+    parser.add_argument("--rows", type=int, default=20_000, help="rows in the bulk-scoring file")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes")
+    parser.add_argument("--health-interval", type=float, default=2.0)
+    parser.add_argument("--json", action="store_true", help="also print the health report as JSON")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
