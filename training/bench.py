@@ -1,0 +1,140 @@
+"""Latency and throughput of the published model files against scikit-learn.
+
+For information only: nothing here gates publishing. onnxruntime sessions are
+pinned to one intra-op thread (SessionOptions.intra_op_num_threads=1), the way a
+worker process with one Celery slot per core runs them, and compared with
+scikit-learn at n_jobs=1; one last line repeats the batch figures with all cores.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from numpy.typing import NDArray
+from sklearn.pipeline import Pipeline
+
+from training.artifact import Manifest, Variant, verified_model_path
+from training.export import cpu_session, onnx_predict
+
+LATENCY_CALLS = 200
+WARMUP_CALLS = 20
+BATCH_ROWS = 65_536
+BATCH_REPEATS = 3
+SLOW_CALL_S = 1.0
+
+Predict = Callable[[NDArray[np.float64]], Any]
+
+
+@dataclass(frozen=True)
+class Timing:
+    p50_us: float
+    p95_us: float
+    rows_per_s: float
+
+
+def one_row_latency(
+    predict: Predict, row: NDArray[np.float64], calls: int | None = None
+) -> tuple[float, float]:
+    """p50 and p95 of one-row calls (default LATENCY_CALLS), in microseconds, after
+    WARMUP_CALLS unmeasured calls."""
+    row = row.reshape(1, -1)
+    n_calls = LATENCY_CALLS if calls is None else calls
+    for _ in range(WARMUP_CALLS):
+        predict(row)
+    samples = np.empty(n_calls)
+    for i in range(n_calls):
+        start = time.perf_counter_ns()
+        predict(row)
+        samples[i] = time.perf_counter_ns() - start
+    p50, p95 = np.percentile(samples, [50, 95]) / 1e3
+    return float(p50), float(p95)
+
+
+def batch_throughput(predict: Predict, X: NDArray[np.float64], repeats: int | None = None) -> float:
+    """Rows per second on X, best of up to `repeats` calls after one warm-up call.
+
+    An engine slower than SLOW_CALL_S per call is timed once, to keep the printout quick.
+    """
+    warmup = _seconds(predict, X)
+    calls = 1 if warmup > SLOW_CALL_S else (BATCH_REPEATS if repeats is None else repeats)
+    best = min(_seconds(predict, X) for _ in range(calls))
+    return len(X) / best
+
+
+def measure(predict: Predict, X_batch: NDArray[np.float64]) -> Timing:
+    p50, p95 = one_row_latency(predict, X_batch[0])
+    return Timing(p50, p95, batch_throughput(predict, X_batch))
+
+
+def batch_from(
+    X: NDArray[np.float64], rows: int | None = None, seed: int = 0
+) -> NDArray[np.float64]:
+    """`rows` rows (default BATCH_ROWS) drawn with replacement from X."""
+    size = BATCH_ROWS if rows is None else rows
+    return X[np.random.default_rng(seed).integers(0, len(X), size=size)]
+
+
+def ort_predictor(model: Path | bytes, threads: int) -> Predict:
+    session = cpu_session(model.read_bytes() if isinstance(model, Path) else model, threads=threads)
+    return lambda X: onnx_predict(session, X)
+
+
+def run_benchmark(
+    version_dir: Path,
+    manifest: Manifest,
+    pipeline: Pipeline,
+    X: NDArray[np.float64],
+    out: Callable[[str], None] = print,
+) -> dict[str, Timing]:
+    X_batch = batch_from(X)
+    forest = pipeline.named_steps["forest"]
+    fit_jobs = forest.n_jobs
+    results: dict[str, Timing] = {}
+    try:
+        forest.set_params(n_jobs=1)
+        results["scikit-learn"] = measure(pipeline.predict, X_batch)
+        for variant in sorted(manifest.files):
+            path = verified_model_path(version_dir, manifest, cast(Variant, variant))
+            results[f"onnxruntime {path.name}"] = measure(ort_predictor(path, threads=1), X_batch)
+        forest.set_params(n_jobs=-1)
+        all_cores = {"scikit-learn": batch_throughput(pipeline.predict, X_batch)}
+        for variant in sorted(manifest.files):
+            path = verified_model_path(version_dir, manifest, cast(Variant, variant))
+            all_cores[path.name] = batch_throughput(ort_predictor(path, threads=0), X_batch)
+    finally:
+        forest.set_params(n_jobs=fit_jobs)
+
+    base = results["scikit-learn"]
+    out(
+        f"benchmark: one thread (onnxruntime SessionOptions.intra_op_num_threads=1, "
+        f"scikit-learn n_jobs=1); one row: p50/p95 of {LATENCY_CALLS} calls after "
+        f"{WARMUP_CALLS} warm-up; batch: {len(X_batch):,} rows, best of {BATCH_REPEATS} "
+        f"(1 when a call takes over {SLOW_CALL_S:g} s)"
+    )
+    out(
+        f"  {'engine':<32}{'1-row p50 us':>13}{'p95 us':>10}{'batch rows/s':>15}"
+        f"{'x sklearn (1 row / batch)':>28}"
+    )
+    for engine, t in results.items():
+        out(
+            f"  {engine:<32}{t.p50_us:>13,.0f}{t.p95_us:>10,.0f}{t.rows_per_s:>15,.0f}"
+            f"{base.p50_us / t.p50_us:>17.1f} / {t.rows_per_s / base.rows_per_s:<8.1f}"
+        )
+    cores = os.cpu_count() or 1
+    out(
+        f"  all {cores} cores, batch rows/s (intra_op_num_threads=0, n_jobs=-1): "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in all_cores.items())
+    )
+    return results
+
+
+def _seconds(predict: Predict, X: NDArray[np.float64]) -> float:
+    start = time.perf_counter()
+    predict(X)
+    return time.perf_counter() - start

@@ -1,0 +1,187 @@
+"""Command line of `python -m training`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from training.errors import DataError, TrainingError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def parse_depth(text: str) -> int | None:
+    """A max_depth: a positive integer, or 0 / "none" for unpruned trees."""
+    if text.strip().lower() in {"0", "none"}:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, 0 or 'none', got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"max depth must not be negative, got {value}")
+    return value
+
+
+def parse_depths(text: str) -> list[int | None]:
+    return [parse_depth(part) for part in text.split(",") if part.strip()]
+
+
+def parse_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.config import DEFAULT_MAX_DEPTH, DEFAULT_MIN_SAMPLES_LEAF
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description=(
+            "Train StandardScaler + RandomForestRegressor, export it to ONNX (model.onnx for "
+            "onnxruntime CPU, model_gemm.onnx in standard ops for CUDA), check both against "
+            "scikit-learn on held-out rows, publish models/<name>/<version>/ and move CURRENT."
+        ),
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, default=Path("models"), help="default: %(default)s"
+    )
+    parser.add_argument("--name", default="friedman1", help="model name (default: %(default)s)")
+    data = parser.add_argument_group(
+        "data (default: sklearn make_friedman1, 5 features, noise 1.0)"
+    )
+    data.add_argument(
+        "--n-samples", type=int, default=20_000, help="make_friedman1 rows (default: %(default)s)"
+    )
+    data.add_argument("--csv", type=Path, help="train on this CSV file instead (needs --target)")
+    data.add_argument(
+        "--target", help="CSV column to predict; the other numeric columns are the features"
+    )
+    data.add_argument(
+        "--seed", type=int, default=0, help="data, split and forest seed (default: %(default)s)"
+    )
+    data.add_argument(
+        "--test-size", type=float, default=0.2, help="held-out fraction (default: %(default)s)"
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--n-estimators", type=int, default=50, help="trees (default: %(default)s)")
+    model.add_argument(
+        "--max-depth",
+        type=parse_depth,
+        default=DEFAULT_MAX_DEPTH,
+        help=f"tree depth limit; 0 or 'none' for unpruned (default: {DEFAULT_MAX_DEPTH})",
+    )
+    model.add_argument(
+        "--min-samples-leaf",
+        type=int,
+        default=DEFAULT_MIN_SAMPLES_LEAF,
+        help="default: %(default)s",
+    )
+    model.add_argument("--no-gpu-model", action="store_true", help="do not build model_gemm.onnx")
+    model.add_argument("--n-jobs", type=int, default=-1, help="cores used to fit (default: all)")
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--no-benchmark", action="store_true", help="skip the latency/throughput printout"
+    )
+    run.add_argument(
+        "--tradeoff",
+        action="store_true",
+        help="print size/accuracy/speed for several max_depth values; publish nothing",
+    )
+    run.add_argument(
+        "--tradeoff-depths",
+        type=parse_depths,
+        default=None,
+        metavar="LIST",
+        help="comma-separated max_depth values for --tradeoff (default: none,8,10,12,14,16)",
+    )
+    run.add_argument(
+        "--tradeoff-leaves",
+        type=parse_ints,
+        default=None,
+        metavar="LIST",
+        help="comma-separated min_samples_leaf values for --tradeoff (default: 1,5)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    from training.config import TrainConfig
+
+    try:
+        config = TrainConfig(
+            model_dir=args.model_dir,
+            name=args.name,
+            n_samples=args.n_samples,
+            seed=args.seed,
+            test_size=args.test_size,
+            csv=args.csv,
+            target=args.target,
+            n_estimators=args.n_estimators,
+            max_depth=args.max_depth,
+            min_samples_leaf=args.min_samples_leaf,
+            gpu_model=not args.no_gpu_model,
+            n_jobs=args.n_jobs,
+        )
+    except ValidationError as exc:
+        parser.error("; ".join(_describe(err) for err in exc.errors()))
+
+    try:
+        if args.tradeoff:
+            from training.tradeoff import DEFAULT_DEPTHS, DEFAULT_LEAVES, run_tradeoff
+
+            run_tradeoff(
+                config,
+                args.tradeoff_depths or DEFAULT_DEPTHS,
+                args.tradeoff_leaves or DEFAULT_LEAVES,
+            )
+            return 0
+        from training.train import run_training
+
+        outcome = run_training(config, log=print)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+    manifest = outcome.manifest
+    metrics = manifest.metrics
+    print(f"version {manifest.version}: R2 {metrics['r2']:.4f}, MAE {metrics['mae']:.4f}")
+    for variant, entry in sorted(manifest.files.items()):
+        diff = metrics.get(f"max_abs_diff_{variant}", float("nan"))
+        print(
+            f"  {variant}: {entry.path} {entry.size_bytes / 1e6:.2f} MB, "
+            f"max |ONNX - sklearn| {diff:.2g}, sha256 {entry.sha256[:12]}"
+        )
+    if not args.no_benchmark:
+        from training.bench import run_benchmark
+
+        run_benchmark(outcome.version_dir, manifest, outcome.pipeline, outcome.X_test)
+    return 0
+
+
+def _describe(error: object) -> str:
+    if isinstance(error, dict):
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        message = str(error.get("msg", error))
+        return f"{where}: {message}" if where else message
+    return str(error)
