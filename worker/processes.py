@@ -62,7 +62,7 @@ class CeleryProcess:
         return self.proc.returncode
 
 
-def celery_env(redis_url: str, **settings: str | int | float) -> dict[str, str]:
+def celery_env(redis_url: str, **settings: object) -> dict[str, str]:
     """The current environment plus REDIS_URL and INFERENCE_<NAME> settings."""
     env = dict(os.environ)
     env["REDIS_URL"] = redis_url
