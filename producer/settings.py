@@ -2,12 +2,27 @@
 
 Every variable carries the INFERENCE_ prefix; REDIS_URL is also read, as the
 conventional name for the one Redis that serves as broker and result backend.
+
+`broker` and `backend` are the URLs actually connected to: the configured URL
+plus INFERENCE_REDIS_USERNAME / INFERENCE_REDIS_PASSWORD (when the URL has no
+password of its own) and, for rediss://, the TLS settings as the ssl_* query
+parameters that redis-py, kombu and Celery's result backend all read. Because
+the URL carries everything, a plain `redis.Redis.from_url(settings.backend)`
+anywhere in the code connects the same way Celery does. Those URLs hold the
+secret: pass them through `redact` before they reach a log line.
 """
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+import re
+import ssl
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TLS_SCHEME = "rediss"
 
 
 class ConnectionSettings(BaseSettings):
@@ -30,13 +45,60 @@ class ConnectionSettings(BaseSettings):
     result_ttl_s: int = Field(default=86_400, ge=1)
     """Seconds a task result is kept in the result backend."""
 
+    redis_username: str | None = None
+    """Redis ACL user, for URLs that name none."""
+
+    redis_password: SecretStr | None = None
+    """Redis password (requirepass or the ACL user's), for URLs that carry none; a password
+    written in a URL wins for that URL."""
+
+    redis_tls_ca_file: FilePath | None = None
+    """CA bundle (PEM) that signed the server's certificate, for rediss:// URLs; unset uses
+    the system's trust store."""
+
+    redis_tls_cert_file: FilePath | None = None
+    """Client certificate (PEM), when the server asks for one (tls-auth-clients)."""
+
+    redis_tls_key_file: FilePath | None = None
+    """Private key of the client certificate, unless it is in redis_tls_cert_file."""
+
+    redis_tls_verify: bool = True
+    """Verify the server's certificate and host name (ssl.CERT_REQUIRED); false is CERT_NONE."""
+
+    @model_validator(mode="after")
+    def _key_needs_a_certificate(self) -> ConnectionSettings:
+        if self.redis_tls_key_file is not None and self.redis_tls_cert_file is None:
+            raise ValueError("redis_tls_key_file is set but redis_tls_cert_file is not")
+        return self
+
     @property
     def broker(self) -> str:
-        return self.broker_url or self.redis_url
+        return self.connection_url(self.broker_url or self.redis_url)
 
     @property
     def backend(self) -> str:
-        return self.result_backend or self.redis_url
+        return self.connection_url(self.result_backend or self.redis_url)
+
+    def connection_url(self, url: str) -> str:
+        """`url` with the credentials and TLS settings merged in; idempotent."""
+        password = self.redis_password.get_secret_value() if self.redis_password else None
+        url = with_credentials(url, self.redis_username, password)
+        if is_tls(url):
+            url = with_query_defaults(url, ssl_query(self.ssl_options()))
+        return url
+
+    def ssl_options(self) -> dict[str, Any]:
+        """TLS options in the form Celery, kombu and redis-py take them."""
+        options: dict[str, Any] = {
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if self.redis_tls_verify else ssl.CERT_NONE
+        }
+        files = {
+            "ssl_ca_certs": self.redis_tls_ca_file,
+            "ssl_certfile": self.redis_tls_cert_file,
+            "ssl_keyfile": self.redis_tls_key_file,
+        }
+        options.update({key: str(path) for key, path in files.items() if path is not None})
+        return options
 
 
 class ProducerSettings(ConnectionSettings):
@@ -49,16 +111,74 @@ class ProducerSettings(ConnectionSettings):
     max_in_flight: int = Field(default=8, ge=1)
     """Chunks of a file scored at the same time."""
 
+    lost_check_s: float = Field(default=2.0, gt=0)
+    """Seconds between two looks, while waiting, for jobs Redis lost with a killed worker."""
+
+    track_sent_jobs: int = Field(default=100_000, ge=0)
+    """Most recently sent jobs whose arguments are kept, to re-send them if lost."""
+
+
+def is_tls(url: str) -> bool:
+    return urlsplit(url).scheme == TLS_SCHEME
+
+
+def _split_userinfo(netloc: str) -> tuple[str | None, str]:
+    """(userinfo or None, host[:port]); the last @ separates them, as in urllib."""
+    userinfo, at, hostport = netloc.rpartition("@")
+    return (userinfo if at else None), hostport
+
+
+def with_credentials(url: str, username: str | None, password: str | None) -> str:
+    """`url` with username/password added, percent-encoded, unless it has a password already.
+
+    A URL's own password is kept: with separate broker and backend servers, the one
+    that needs a different secret can carry it in its URL.
+    """
+    if username is None and password is None:
+        return url
+    parts = urlsplit(url)
+    userinfo, hostport = _split_userinfo(parts.netloc)
+    if userinfo is not None and ":" in userinfo:
+        return url
+    user = quote(username, safe="") if username is not None else (userinfo or "")
+    credentials = user if password is None else f"{user}:{quote(password, safe='')}"
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{hostport}"))
+
+
+def ssl_query(options: dict[str, Any]) -> dict[str, str]:
+    """ssl_* options as URL query values (ssl_cert_reqs by name, as all three parsers accept)."""
+    names = {ssl.CERT_REQUIRED: "required", ssl.CERT_OPTIONAL: "optional", ssl.CERT_NONE: "none"}
+    query = {key: str(value) for key, value in options.items() if key != "ssl_cert_reqs"}
+    if "ssl_cert_reqs" in options:
+        query["ssl_cert_reqs"] = names[options["ssl_cert_reqs"]]
+    return query
+
+
+def with_query_defaults(url: str, defaults: dict[str, str]) -> str:
+    """`url` with each query parameter of `defaults` it lacks appended; its own ones win."""
+    parts = urlsplit(url)
+    present = {key for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    extra = "&".join(
+        f"{key}={quote(value, safe='/')}" for key, value in defaults.items() if key not in present
+    )
+    if not extra:
+        return url
+    query = f"{parts.query}&{extra}" if parts.query else extra
+    return urlunsplit(parts._replace(query=query))
+
+
+# redis-py also reads a password from the query string (?password=...).
+_QUERY_PASSWORD = re.compile(r"(^|&)(password=)[^&]*", re.IGNORECASE)
+
 
 def redact(url: str) -> str:
-    """A URL fit for logs: any password replaced by ***."""
-    from urllib.parse import urlsplit, urlunsplit
-
+    """A URL fit for logs: any password (in the user info or the query) replaced by ***."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, hostport = _split_userinfo(parts.netloc)
+    netloc = parts.netloc
+    if userinfo is not None and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    query = _QUERY_PASSWORD.sub(r"\1\2***", parts.query)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

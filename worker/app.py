@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from celery import Celery
 
+from producer.connections import celery_ssl_options
 from producer.contract import QUEUE_CPU, TASK_HEALTH, TASK_PREDICT, TASK_PREDICT_BATCH
+from worker import kombu_fixes
 from worker.settings import WorkerSettings
 
 settings = WorkerSettings()
+kombu_fixes.apply()
 
 app = Celery("inference", broker=settings.broker, backend=settings.backend)
 app.conf.update(
@@ -21,8 +24,20 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_cancel_long_running_tasks_on_connection_loss=True,
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    broker_transport_options={
+        "visibility_timeout": settings.visibility_timeout_s,
+        # Scan for jobs of dead workers every few seconds (kombu's default is
+        # every ~100 s), so they come back soon after the visibility timeout.
+        "unacked_restore_interval": settings.restore_interval_s,
+        "unacked_restore_throttle": 1,
+        # The scan's lock outlives a worker that dies holding it (or a Redis restart) by
+        # this long; kombu's 5 minutes would hold back every redelivery that long.
+        "unacked_mutex_expire": 30,
+    },
     broker_connection_retry_on_startup=True,
+    # A result that cannot be written while Redis restarts is retried, not lost.
+    result_backend_always_retry=True,
+    result_backend_max_retries=60,
     worker_prefetch_multiplier=settings.prefetch_multiplier,
     task_soft_time_limit=settings.task_soft_time_limit_s,
     task_time_limit=settings.task_time_limit_s,
@@ -45,6 +60,7 @@ app.conf.update(
     },
     worker_hijack_root_logger=True,
 )
+app.conf.update(celery_ssl_options(settings))
 
 # Tasks and process lifecycle hooks register themselves on import.
 import worker.lifecycle  # noqa: E402

@@ -44,7 +44,7 @@ def redis_server() -> Iterator[str]:
         yield url
         return
     with EmbeddedRedis() as server:
-        say(f"started a private redis-server on {server.url}")
+        say(f"started a private redis-server on {redact(server.url)}")
         yield server.url
 
 
@@ -157,7 +157,8 @@ def demo_jobs(
         say(f"bulk scoring a CSV file of {args.rows:,} rows")
         src, dst = out_dir / "sample.csv", out_dir / "scored.csv"
         write_sample_csv(src, args.rows, info.n_features, info.feature_names)
-        summary = score_csv(client, src, dst, progress=sys.stderr.isatty())
+        # A fresh sample each run: never resume an earlier, interrupted demo.
+        summary = score_csv(client, src, dst, progress=sys.stderr.isatty(), restart=True)
         with dst.open(newline="") as fh:
             scored = sum(1 for _ in fh) - 1
         print(

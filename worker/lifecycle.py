@@ -20,6 +20,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from producer.connections import RedisUnreachable, check_redis
 from producer.contract import QUEUE_CPU
 from producer.errors import StartupError
 from producer.settings import redact
@@ -56,6 +57,7 @@ def _check_and_maybe_load(sender: Any, **_: Any) -> None:
         pool,
         redact(settings.broker),
     )
+    _check_redis()
     try:
         provider = check_provider(settings)
         resolve_artifact(settings, provider)
@@ -77,6 +79,27 @@ def _check_and_maybe_load(sender: Any, **_: Any) -> None:
         )
     if pool != "prefork":
         _start_runtime()
+
+
+def _check_redis() -> None:
+    """Refuse to start on credentials or a certificate that Redis rejects: Celery would
+    retry them 100 times with ever longer waits, and a prefork child would die loading its
+    model. A server that does not answer only warns: it may come up later, and Celery's
+    own connection retry waits for it."""
+    broker = settings.broker_url or settings.redis_url
+    backend = settings.result_backend or settings.redis_url
+    targets = (
+        {"broker and result backend": broker}
+        if broker == backend
+        else {"broker": broker, "result backend": backend}
+    )
+    for role, url in targets.items():
+        try:
+            check_redis(url, settings, role)
+        except RedisUnreachable as exc:
+            log.warning("%s: Celery will keep retrying", exc)
+        except StartupError as exc:
+            _refuse(str(exc))
 
 
 @worker_process_init.connect

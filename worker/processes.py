@@ -48,6 +48,15 @@ class CeleryProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signum)
 
+    def wait(self, timeout_s: float) -> int | None:
+        """The exit code, once the process has exited by itself; None if it is still running."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM (warm shutdown: running jobs finish), then SIGKILL to the group if needed."""
         if self.proc is None:

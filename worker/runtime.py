@@ -11,8 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 
-import redis
-
+from producer.connections import redis_client
 from producer.contract import MODEL_INFO_KEY, ModelInfo, WorkerState
 from producer.errors import ModelNotReady
 from worker.model import LoadedModel, load_model
@@ -59,7 +58,7 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
             updated_at=now,
         )
     )
-    client = redis.Redis.from_url(settings.backend)
+    client = redis_client(settings.backend, settings)
     info = ModelInfo(
         name=model.manifest.name,
         version=model.manifest.version,

@@ -36,14 +36,24 @@ class WorkerSettings(ConnectionSettings):
     max_batch_rows: int = Field(default=100_000, ge=1)
     """Most rows accepted in one inference.predict_batch job."""
 
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest task message body accepted, in bytes once decompressed; larger ones fail with
+    MessageTooLarge before their JSON is decoded. Keep it above the largest legitimate batch
+    (max_batch_rows rows of JSON numbers, about 20 bytes per feature value)."""
+
     task_soft_time_limit_s: float = Field(default=60.0, gt=0)
     """Seconds after which a running task is interrupted with an error."""
 
     task_time_limit_s: float = Field(default=90.0, gt=0)
     """Seconds after which a running task's process is killed and replaced."""
 
-    visibility_timeout_s: int = Field(default=3_600, ge=1)
-    """Seconds before Redis redelivers an unacknowledged job (must exceed the time limit)."""
+    visibility_timeout_s: int = Field(default=600, ge=1)
+    """Seconds after which a job delivered to a worker that never acknowledged it (the
+    worker died) is handed to another worker. Must exceed the longest a job can wait
+    in a worker's prefetch buffer plus run: task_time_limit_s x (prefetch_multiplier + 1)."""
+
+    restore_interval_s: float = Field(default=5.0, gt=0)
+    """Seconds between two scans for jobs whose visibility timeout has passed."""
 
     prefetch_multiplier: int = Field(default=4, ge=1)
     """Jobs each worker process reserves ahead of the one it runs."""
@@ -64,7 +74,11 @@ class WorkerSettings(ConnectionSettings):
     def _limits_are_consistent(self) -> WorkerSettings:
         if self.task_soft_time_limit_s > self.task_time_limit_s:
             raise ValueError("task_soft_time_limit_s must not exceed task_time_limit_s")
-        if self.visibility_timeout_s <= self.task_time_limit_s:
-            # Redis would hand a still-running job to a second worker.
-            raise ValueError("visibility_timeout_s must exceed task_time_limit_s")
+        held = self.task_time_limit_s * (self.prefetch_multiplier + 1)
+        if self.visibility_timeout_s <= held:
+            # Redis would hand a job still waiting or running in one worker to a second one.
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
+                f"task_time_limit_s x (prefetch_multiplier + 1) = {held:g}"
+            )
         return self

@@ -38,8 +38,9 @@ def test_worker_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_visibility_timeout_must_exceed_the_time_limit() -> None:
-    with pytest.raises(ValidationError, match="visibility_timeout_s must exceed"):
-        WorkerSettings(task_time_limit_s=100, task_soft_time_limit_s=50, visibility_timeout_s=60)
+    with pytest.raises(ValidationError, match=r"visibility_timeout_s \(450\) must exceed .* = 500"):
+        WorkerSettings(task_time_limit_s=100, task_soft_time_limit_s=50, visibility_timeout_s=450)
+    WorkerSettings(task_time_limit_s=100, task_soft_time_limit_s=50, visibility_timeout_s=501)
     with pytest.raises(ValidationError, match="soft"):
         WorkerSettings(task_time_limit_s=10, task_soft_time_limit_s=20)
 

@@ -1,0 +1,75 @@
+"""Finding jobs that Redis no longer holds anywhere, so the producer can send them again.
+
+kombu's Redis transport takes a job off its queue with BRPOP and only then
+records it as unacknowledged. A worker killed (SIGKILL, OOM) between the two
+takes that one job with it: it is in no queue, not unacknowledged, and has no
+result. The producer still has the job's arguments, so it re-sends it under the
+same task id; the job then runs at most twice, which is harmless because a
+prediction has no side effect.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+# kombu's Redis transport keeps delivered, unacknowledged messages in this hash.
+UNACKED_KEY = "unacked"
+
+
+@dataclass(frozen=True)
+class SentJob:
+    task: str
+    kwargs: dict[str, Any]
+    queue: str
+    sent_at: float
+
+
+class SentJobs:
+    """The arguments of recently sent jobs, bounded, forgotten once they finish."""
+
+    def __init__(self, limit: int) -> None:
+        self._jobs: OrderedDict[str, SentJob] = OrderedDict()
+        self._limit = limit
+
+    def add(self, task_id: str, job: SentJob) -> None:
+        self._jobs[task_id] = job
+        while len(self._jobs) > self._limit:
+            self._jobs.popitem(last=False)
+
+    def get(self, task_id: str) -> SentJob | None:
+        return self._jobs.get(task_id)
+
+    def forget(self, task_id: str) -> None:
+        self._jobs.pop(task_id, None)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+
+class LostJobFinder:
+    """Declares a pending job lost when, on two checks at least `confirm_s` apart, its
+    queue is empty and no worker holds it unacknowledged."""
+
+    def __init__(self, broker: redis.Redis, confirm_s: float = 1.0) -> None:
+        self._broker = broker
+        self._confirm_s = confirm_s
+        self._suspects: dict[str, float] = {}
+
+    def lost(self, pending: list[str], jobs: SentJobs) -> list[str]:
+        known = [t for t in pending if jobs.get(t) is not None]
+        queues = {jobs.get(t).queue for t in known}  # type: ignore[union-attr]
+        if not known or any(self._broker.llen(q) for q in queues):
+            # Queued jobs may be behind others: nothing can be told apart cheaply.
+            self._suspects.clear()
+            return []
+        values = self._broker.hvals(UNACKED_KEY)
+        held = b"\x00".join(v if isinstance(v, bytes) else v.encode() for v in values)
+        now = time.monotonic()
+        suspects = {t: self._suspects.get(t, now) for t in known if t.encode() not in held}
+        self._suspects = suspects
+        return [t for t, since in suspects.items() if now - since >= self._confirm_s]
