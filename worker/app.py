@@ -59,6 +59,9 @@ app.conf.update(
         }
     },
     worker_hijack_root_logger=True,
+    # A message Celery's consumer cannot handle is dropped (and failed if it has an id)
+    # instead of stopping the worker or stalling the queue: see worker.tasks.GuardedConsumer.
+    worker_consumer="worker.tasks:GuardedConsumer",
 )
 app.conf.update(celery_ssl_options(settings))
 

@@ -33,4 +33,4 @@ def _restore_unacked(self: Any, client: Any = None) -> Any:
 
 
 def apply() -> None:
-    kombu_redis.QoS.restore_unacked = _restore_unacked
+    kombu_redis.QoS.restore_unacked = _restore_unacked  # type: ignore[method-assign]

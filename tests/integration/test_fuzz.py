@@ -34,7 +34,11 @@ from scripts.rss_soak import MIB, children, worker_rss
 from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel
 from worker.processes import CeleryProcess, celery_env, wait_ready, worker_process
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    # Finite numbers beyond float32 become inf in the worker and in the reference alike.
+    pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning"),
+]
 
 N_FEATURES = 5
 FIVE = [0.1, 0.2, 0.3, 0.4, 0.5]
