@@ -28,6 +28,7 @@ from producer.contract import (
     HEADER_ENQUEUED_AT,
     QUEUES,
     TASK_HEALTH,
+    TASK_NOOP,
     TASK_PREDICT,
     TASK_PREDICT_BATCH,
 )
@@ -389,3 +390,11 @@ def report_health(self: Task, ttl_s: int | None = None) -> dict[str, Any]:
         broker.close()
     health.log_report(report)
     return report.model_dump()
+
+
+@app.task(name=TASK_NOOP, bind=True, Strategy=CHECKED_STRATEGY)
+def noop(self: Task) -> dict[str, Any]:
+    """Does nothing: Celery's own cost per message, the baseline `python -m producer bench`
+    measures inference.predict against. Behind the same message checks as every task."""
+    refuse_oversized(self.request)
+    return {}
