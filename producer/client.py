@@ -26,6 +26,7 @@ from producer.contract import (
     TASK_PREDICT,
     TASK_PREDICT_BATCH,
     BatchRequest,
+    M,
     ModelInfo,
     PredictRequest,
     check_shape,
@@ -182,14 +183,21 @@ class Client:
                 self.send(job.task, job.kwargs, job.queue, task_id=task_id)
         return lost
 
+    def _parse(self, model: type[M], kwargs: dict[str, Any]) -> M:
+        """The worker's own validation: shape first (when the model is known), then values."""
+        info = self.model_info()
+        if info is None:
+            return parse_request(model, (), kwargs)
+        return parse_request(
+            model, (), kwargs, n_features=info.n_features, max_rows=info.max_batch_rows
+        )
+
     def submit(self, features: Sequence[float], queue: str = "cpu") -> str:
-        request = parse_request(PredictRequest, (), {"features": list(features)})
-        self.validate_rows([request.features])
+        request = self._parse(PredictRequest, {"features": list(features)})
         return self.send(TASK_PREDICT, request.model_dump(), queue)
 
     def submit_batch(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
-        request = parse_request(BatchRequest, (), {"rows": [list(r) for r in rows]})
-        self.validate_rows(request.rows)
+        request = self._parse(BatchRequest, {"rows": [list(r) for r in rows]})
         return self.send(TASK_PREDICT_BATCH, request.model_dump(), queue)
 
     # -- results ---------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import kombu.compression
-import redis
 from celery import Task
 from celery.exceptions import InvalidTaskError
 from celery.signals import task_failure
@@ -24,6 +23,7 @@ from celery.utils.time import maybe_iso8601
 from celery.worker.consumer import Consumer
 from celery.worker.strategy import default as default_strategy
 
+from producer.connections import redis_client
 from producer.contract import (
     HEADER_ENQUEUED_AT,
     QUEUES,
@@ -378,8 +378,8 @@ def predict_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 @app.task(name=TASK_HEALTH, bind=True, ignore_result=True, Strategy=CHECKED_STRATEGY)
 def report_health(self: Task, ttl_s: int | None = None) -> dict[str, Any]:
     refuse_oversized(self.request)
-    state = redis.Redis.from_url(settings.backend)
-    broker = redis.Redis.from_url(settings.broker)
+    state = redis_client(settings.backend, settings)
+    broker = redis_client(settings.broker, settings)
     try:
         report = health.build_report(state, broker, sorted(QUEUES.values()))
         default_ttl = int(settings.health_interval_s * 3) + 1
