@@ -232,19 +232,26 @@ class Windowed:
 
 
 def windowed(
-    client: Client, send: Callable[[int], str], jobs: range, window: int, keep: bool = False
+    client: Client,
+    send: Callable[[range], list[str]],
+    jobs: range,
+    window: int,
+    keep: bool = False,
 ) -> Windowed:
-    """Send jobs `jobs` keeping `window` in flight; latency is send -> result seen."""
+    """Send jobs `jobs` keeping `window` in flight, topping the window up with one `send`
+    call of as many jobs as it lacks; latency is send -> result seen."""
     run = Windowed(jobs=len(jobs), window=window)
     sent_at: dict[str, float] = {}
     done: list[str] = []
-    pending = iter(jobs)
-    left = len(jobs)
+    next_job, end = jobs.start, jobs.stop
     start, cpu = time.perf_counter(), time.process_time()
-    while left or sent_at:
-        while left and len(sent_at) < window:
-            sent_at[send(next(pending))] = time.perf_counter()
-            left -= 1
+    while next_job < end or sent_at:
+        if next_job < end and len(sent_at) < window:
+            take = min(window - len(sent_at), end - next_job)
+            now = time.perf_counter()
+            for task_id in send(range(next_job, next_job + take)):
+                sent_at[task_id] = now
+            next_job += take
         for status in client.wait_any(list(sent_at)):
             done.append(status.task_id)
             run.latencies.append(time.perf_counter() - sent_at.pop(status.task_id))
@@ -261,6 +268,34 @@ def windowed(
     return run
 
 
+def plain_celery_app(settings: ProducerSettings) -> Any:
+    """What a team writes by hand: a stock Celery client, one send_task per row."""
+    from celery import Celery
+
+    from producer.connections import celery_ssl_options
+
+    app = Celery("bench-plain-celery", broker=settings.broker)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    app.conf.update(celery_ssl_options(settings))
+    return app
+
+
+def batch_histogram(statuses: Sequence[TaskStatus]) -> dict[str, int]:
+    """Batches the row lane ran, by size bucket, from the batch_size each result reports
+    (a batch of n shows up in n results)."""
+    jobs_by_size: dict[int, int] = {}
+    for status in statuses:
+        size = (status.result or {}).get("batch_size")
+        if isinstance(size, int) and size > 0:
+            jobs_by_size[size] = jobs_by_size.get(size, 0) + 1
+    buckets: dict[str, float] = {}
+    for size, jobs in sorted(jobs_by_size.items()):
+        low = 1 << (size.bit_length() - 1)
+        key = "1" if low == 1 else f"{low}-{2 * low - 1}"
+        buckets[key] = buckets.get(key, 0) + jobs / size
+    return {k: round(v) for k, v in buckets.items()}
+
+
 def sustained(
     client: Client,
     rows: NDArray[np.float64],
@@ -269,31 +304,45 @@ def sustained(
     with_noop: bool,
     rounds: int = SUSTAINED_ROUNDS,
 ) -> dict[str, Any]:
-    """Predict and noop in alternating rounds, so that a burst of load from elsewhere on
-    the machine does not land on one side of the ratio only."""
-    # Client.send, not submit: the rows are valid by construction, and submit's pydantic
-    # check per row is a producer cost the noop side would not pay.
+    """Three ways of running one job per row, in alternating rounds so that a burst of load
+    from elsewhere on the machine does not land on one side of a ratio only:
+
+    - predict: this product, Client.send_many onto the row queue, served by the row lane;
+    - plain_celery: a stock Celery client's send_task per row onto the main queue, served
+      by Celery's own consumer (results read with MGET, which is kinder to it than
+      AsyncResult.get's pub/sub);
+    - noop: the no-op task through Celery's consumer, its bare cost per message.
+    """
+    # send_many, not submit_many: the rows are valid by construction, and pydantic's check
+    # per row is a producer cost the other sides would not pay.
     features = rows.tolist()
-    predict, noop = Windowed(), Windowed()
-    bounds = np.linspace(0, len(features), rounds + 1).astype(int)
-    for lo, hi in itertools.pairwise(bounds.tolist()):
-        predict.add(
-            windowed(
-                client,
-                lambda i: client.send(TASK_PREDICT, {"features": features[i]}, queue),
-                range(lo, hi),
-                window,
-            )
-        )
-        if with_noop:
-            noop.add(
-                windowed(
-                    client, lambda _i: client.send(TASK_NOOP, {}, queue), range(lo, hi), window
-                )
-            )
-    out = {"predict": predict.summary()}
+    arms: dict[str, Windowed] = {"predict": Windowed(), "plain_celery": Windowed()}
     if with_noop:
-        out["noop"] = noop.summary()
+        arms["noop"] = Windowed()
+    plain = plain_celery_app(client.settings)
+    senders: dict[str, Callable[[range], list[str]]] = {
+        "predict": lambda r: client.send_many(
+            TASK_PREDICT, [{"features": features[i]} for i in r], queue
+        ),
+        "plain_celery": lambda r: [
+            str(plain.send_task(TASK_PREDICT, kwargs={"features": features[i]}, queue=queue).id)
+            for i in r
+        ],
+        "noop": lambda r: client.send_many(TASK_NOOP, [{} for _ in r], queue),
+    }
+    statuses: list[TaskStatus] = []
+    try:
+        bounds = np.linspace(0, len(features), rounds + 1).astype(int)
+        for lo, hi in itertools.pairwise(bounds.tolist()):
+            for name, total in arms.items():
+                run = windowed(client, senders[name], range(lo, hi), window, keep=name == "predict")
+                statuses += run.statuses
+                run.statuses = []
+                total.add(run)
+    finally:
+        plain.close()
+    out = {name: total.summary() for name, total in arms.items()}
+    out["predict"]["batch_sizes"] = batch_histogram(statuses)
     return out
 
 
@@ -318,7 +367,7 @@ def batch_jobs(
 
     run = windowed(
         client,
-        lambda i: client.submit_batch(batches[i], queue),
+        lambda r: [client.submit_batch(batches[i], queue) for i in r],
         range(len(batches)),
         in_flight,
         keep=True,
@@ -749,8 +798,8 @@ def checks(report: dict[str, Any]) -> dict[str, Any]:
         batch["rows_back"] == batch["rows_sent"] and not batch["concurrent"]["failed"],
         f"{batch['rows_sent']} sent, {batch['rows_back']} back",
     )
-    for task in ("predict", "noop"):
-        part = report["sustained"][task]
+    for task in ("predict", "plain_celery", "noop"):
+        part = report["sustained"].get(task) or {}
         if part.get("available"):
             _check(
                 items,

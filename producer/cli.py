@@ -111,6 +111,11 @@ def format_health(report: dict[str, Any]) -> str:
             f"done {w['jobs_done']} failed {w['jobs_failed']} rows {w['rows_done']}, "
             f"task p50/p95/p99 {lat['p50_ms']}/{lat['p95_ms']}/{lat['p99_ms']} ms, "
             f"up {w['uptime_s']:.0f}s"
+            + (
+                f", row batches {', '.join(f'{k}: {v}' for k, v in w['batch_sizes'].items())}"
+                if w.get("batch_sizes")
+                else ""
+            )
         )
     if not report["workers"]:
         lines.append("  no live workers")

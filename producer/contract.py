@@ -25,6 +25,22 @@ QUEUE_CPU = "inference.cpu"
 QUEUE_GPU = "inference.gpu"
 QUEUES: dict[str, str] = {"cpu": QUEUE_CPU, "gpu": QUEUE_GPU}
 
+# Single-row jobs (inference.predict) go to their own queue beside each of these, where
+# every worker process takes them in batches (worker.lane); the queues above carry the
+# rest (batches, health) through Celery's own consumer.
+ROW_QUEUE_SUFFIX = ".rows"
+
+
+def row_queue(queue: str) -> str:
+    """The single-row queue that goes with `queue` (itself if it already is one)."""
+    return queue if queue.endswith(ROW_QUEUE_SUFFIX) else f"{queue}{ROW_QUEUE_SUFFIX}"
+
+
+def queue_for(task: str, queue: str) -> str:
+    """Where a `task` for the workers of `queue` is sent."""
+    return row_queue(queue) if task == TASK_PREDICT else queue
+
+
 # Optional message header (Unix seconds, float) set by the producer when it
 # enqueues; the worker turns it into the queue-wait latency.
 HEADER_ENQUEUED_AT = "enqueued_at"
@@ -33,6 +49,13 @@ HEADER_ENQUEUED_AT = "enqueued_at"
 HEALTH_REPORT_KEY = "inference:health:report"
 WORKER_STATE_PREFIX = "inference:worker:"
 MODEL_INFO_KEY = "inference:model:info"
+
+# kombu's Redis transport (broker database): each queue is a list of that name; a message
+# delivered and not yet acknowledged is kept in UNACKED_KEY (tag -> [message, exchange,
+# routing key]) and UNACKED_INDEX_KEY (tag scored by delivery time), from where it is
+# handed back to its queue once the visibility timeout has passed.
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 # Where Celery's Redis result backend keeps a task's result document.
@@ -94,6 +117,8 @@ class PredictResult(_ResultBase):
     """Result of `inference.predict`."""
 
     prediction: float
+    batch_size: int = 1
+    """Jobs predicted in the same onnxruntime call as this one (the row lane batches them)."""
 
 
 class BatchResult(_ResultBase):
@@ -138,6 +163,8 @@ class WorkerState(BaseModel):
     rows_done: int = 0
     # Recent task times (ms), newest last, bounded; the health task merges them.
     recent_task_ms: list[float] = Field(default_factory=list)
+    # Batches of single-row jobs predicted together, by size bucket: "1", "2-3", "4-7"...
+    batch_sizes: dict[str, int] = Field(default_factory=dict)
 
 
 class WorkerHealth(BaseModel):
@@ -153,6 +180,8 @@ class WorkerHealth(BaseModel):
     jobs_failed: int
     rows_done: int
     latency: LatencySummary
+    batch_sizes: dict[str, int] = Field(default_factory=dict)
+    """Single-row batches by size bucket, summed over the worker's processes."""
     uptime_s: float
     last_seen_s: float
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import redis
 
-# kombu's Redis transport keeps delivered, unacknowledged messages in this hash.
-UNACKED_KEY = "unacked"
+from producer.contract import UNACKED_KEY
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from celery import Celery
 
 from producer.embedded_redis import EmbeddedRedis
 from producer.settings import ProducerSettings
@@ -74,3 +75,14 @@ def cpu_worker(
 @pytest.fixture
 def producer_settings(redis_url: str) -> ProducerSettings:
     return ProducerSettings(redis_url=redis_url, wait_timeout_s=30)
+
+
+@pytest.fixture
+def celery_sender(redis_url: str) -> Iterator[Celery]:
+    """A stock Celery client app: what a hand-written producer sends, with no checks of ours."""
+    app = Celery("tests-sender", broker=redis_url)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    try:
+        yield app
+    finally:
+        app.close()

@@ -5,7 +5,13 @@ from __future__ import annotations
 from celery import Celery
 
 from producer.connections import celery_ssl_options
-from producer.contract import QUEUE_CPU, TASK_HEALTH, TASK_PREDICT, TASK_PREDICT_BATCH
+from producer.contract import (
+    QUEUE_CPU,
+    TASK_HEALTH,
+    TASK_PREDICT,
+    TASK_PREDICT_BATCH,
+    row_queue,
+)
 from worker import kombu_fixes
 from worker.settings import WorkerSettings
 
@@ -44,7 +50,7 @@ app.conf.update(
     result_expires=settings.result_ttl_s,
     task_default_queue=QUEUE_CPU,
     task_routes={
-        TASK_PREDICT: {"queue": QUEUE_CPU},
+        TASK_PREDICT: {"queue": row_queue(QUEUE_CPU)},
         TASK_PREDICT_BATCH: {"queue": QUEUE_CPU},
         TASK_HEALTH: {"queue": settings.health_queue},
     },

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Literal
 
 import numpy as np
@@ -50,6 +50,14 @@ def summarize(samples: list[float]) -> LatencySummary:
     )
 
 
+def _merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for c in counts:
+        total.update(c)
+    # Buckets in size order ("1", "2-3", "4-7", ...), not as strings sort.
+    return dict(sorted(total.items(), key=lambda kv: int(kv[0].split("-")[0])))
+
+
 def group_by_worker(states: list[WorkerState], now: float) -> list[WorkerHealth]:
     groups: dict[str, list[WorkerState]] = defaultdict(list)
     for state in states:
@@ -71,6 +79,7 @@ def group_by_worker(states: list[WorkerState], now: float) -> list[WorkerHealth]
                 jobs_failed=sum(s.jobs_failed for s in procs),
                 rows_done=sum(s.rows_done for s in procs),
                 latency=summarize([ms for s in procs for ms in s.recent_task_ms]),
+                batch_sizes=_merge_counts([s.batch_sizes for s in procs]),
                 uptime_s=round(now - first.started_at, 1),
                 last_seen_s=round(now - max(s.updated_at for s in procs), 1),
             )
@@ -111,7 +120,7 @@ def log_report(report: HealthReport) -> None:
         len(report.workers),
         ", ".join(
             f"{w.hostname}[{w.processes}p {w.provider} done={w.jobs_done} failed={w.jobs_failed} "
-            f"p50={w.latency.p50_ms}ms p99={w.latency.p99_ms}ms]"
+            f"p50={w.latency.p50_ms}ms p99={w.latency.p99_ms}ms batches={w.batch_sizes}]"
             for w in report.workers
         ),
         report.queue_depths,

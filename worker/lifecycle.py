@@ -4,7 +4,8 @@ The main process only checks (artifact, sha256, provider): it never creates
 an inference session, so nothing heavy crosses a fork. Prefork children load
 the model in `worker_process_init`; solo and threads pools load it in
 `worker_init`, in the one process that runs tasks. Either way the model is
-loaded and warmed before the first job is taken.
+loaded and warmed before the first job is taken. Then each process starts its row
+lane (worker.lane) beside every queue the worker consumes.
 """
 
 from __future__ import annotations
@@ -21,17 +22,25 @@ from celery.signals import (
 )
 
 from producer.connections import RedisUnreachable, check_redis
-from producer.contract import QUEUE_CPU
+from producer.contract import QUEUE_CPU, row_queue
 from producer.errors import StartupError
 from producer.settings import redact
 from worker import runtime
 from worker.app import settings
+from worker.lane import RowLane
 from worker.model import check_provider, resolve_artifact
 
 log = logging.getLogger(__name__)
 
 # Filled in the main process by worker_init; prefork children inherit it.
-_identity: dict[str, Any] = {"hostname": "", "queues": [QUEUE_CPU], "pool": "prefork"}
+_identity: dict[str, Any] = {"hostname": "", "queues": [QUEUE_CPU], "pool": "prefork", "lanes": []}
+_lanes: list[RowLane] = []
+
+
+def lane_queues(consumed: list[str]) -> list[str]:
+    """The single-row queues this worker's processes serve themselves: one beside each
+    queue it consumes (a row queue named in -Q is left to Celery's consumer)."""
+    return [row_queue(q) for q in consumed if row_queue(q) != q and row_queue(q) not in consumed]
 
 
 def pool_name(pool_cls: Any) -> str:
@@ -48,8 +57,10 @@ def _refuse(reason: str) -> None:
 def _check_and_maybe_load(sender: Any, **_: Any) -> None:
     """`sender` is the celery.apps.worker.Worker being started."""
     pool = pool_name(sender.pool_cls)
-    queues = sorted(sender.app.amqp.queues.consume_from or [QUEUE_CPU])
-    _identity.update(hostname=sender.hostname, queues=queues, pool=pool)
+    consumed = sorted(sender.app.amqp.queues.consume_from or [QUEUE_CPU])
+    lanes = lane_queues(consumed) if settings.row_lane else []
+    queues = sorted({*consumed, *lanes})
+    _identity.update(hostname=sender.hostname, queues=queues, pool=pool, lanes=lanes)
     log.info(
         "worker %s: queues %s, pool %s, broker %s",
         sender.hostname,
@@ -109,12 +120,18 @@ def _load_in_child(**_: Any) -> None:
 
 def _start_runtime() -> None:
     try:
-        runtime.start(settings, _identity["hostname"], _identity["queues"], _identity["pool"])
+        rt = runtime.start(settings, _identity["hostname"], _identity["queues"], _identity["pool"])
     except StartupError as exc:
         _refuse(str(exc))
+    for queue in _identity["lanes"]:
+        lane = RowLane(rt, queue, _identity["hostname"])
+        lane.start()
+        _lanes.append(lane)
 
 
 @worker_process_shutdown.connect
 @worker_shutdown.connect
 def _stop(**_: Any) -> None:
+    while _lanes:
+        _lanes.pop().stop()
     runtime.stop()

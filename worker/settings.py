@@ -67,6 +67,19 @@ class WorkerSettings(ConnectionSettings):
     heartbeat_s: float = Field(default=5.0, gt=0)
     """Seconds between two refreshes of a worker process's state in Redis."""
 
+    row_lane: bool = True
+    """Each worker process takes the single-row jobs of <queue>.rows itself, many per Redis
+    round trip, and predicts them as one batch (worker.lane). False leaves that queue to
+    Celery's consumer: name it in -Q then."""
+
+    row_batch_max: int = Field(default=256, ge=1, le=10_000)
+    """Most single-row jobs a worker process takes off the queue and predicts at once."""
+
+    row_batch_wait_ms: float = Field(default=0.0, ge=0, le=1_000)
+    """How long a worker process waits for more single-row jobs to fill a batch (up to
+    row_batch_max) once it has one. 0 takes what is queued: batches still grow with load,
+    because jobs queue up while the previous batch runs, and a lone job never waits."""
+
     warmup_runs: int = Field(default=20, ge=0)
     """Inference runs made at process start, before the first job is taken."""
 

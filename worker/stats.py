@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 
 import redis
 
@@ -23,6 +23,12 @@ WINDOW = 512
 """Recent task times kept per process for the latency percentiles."""
 
 
+def batch_bucket(size: int) -> str:
+    """Power-of-two histogram buckets: "1", "2-3", "4-7", "8-15"..."""
+    low = 1 << (max(size, 1).bit_length() - 1)
+    return "1" if low == 1 else f"{low}-{2 * low - 1}"
+
+
 class ProcessStats:
     def __init__(self, base: WorkerState) -> None:
         self._base = base
@@ -31,12 +37,17 @@ class ProcessStats:
         self._failed = 0
         self._rows = 0
         self._recent: deque[float] = deque(maxlen=WINDOW)
+        self._batches: Counter[str] = Counter()
 
     def succeeded(self, task_ms: float, rows: int) -> None:
         with self._lock:
             self._done += 1
             self._rows += rows
             self._recent.append(round(task_ms, 3))
+
+    def batch(self, size: int) -> None:
+        with self._lock:
+            self._batches[batch_bucket(size)] += 1
 
     def failed(self) -> None:
         with self._lock:
@@ -51,6 +62,7 @@ class ProcessStats:
                     "jobs_failed": self._failed,
                     "rows_done": self._rows,
                     "recent_task_ms": list(self._recent),
+                    "batch_sizes": dict(self._batches),
                 }
             )
 

@@ -156,7 +156,18 @@ def test_noop_is_measured_or_reported_unavailable(report: dict[str, Any]) -> Non
             assert bench.TASK_NOOP in part["reason"]
     if not report["single_row"]["noop"]["available"]:
         assert report["ratios"]["P3"]["value"] is None
-        assert report["ratios"]["P2"]["value"] is None
+
+
+def test_p2_compares_the_row_lane_with_plain_celery_side_by_side(report: dict[str, Any]) -> None:
+    sustained = report["sustained"]
+    ours, plain = sustained["predict"], sustained["plain_celery"]
+    assert ours["jobs"] == plain["jobs"] and ours["failed"] == plain["failed"] == 0
+    p2 = report["ratios"]["P2"]
+    assert p2["value"] == pytest.approx(ours["jobs_per_s"] / plain["jobs_per_s"])
+    # The lane's batches account for every predict job of the sustained run.
+    batches = ours["batch_sizes"]
+    assert batches and sum(batches.values()) >= 1
+    assert sum(batches.values()) <= ours["jobs"]
 
 
 def test_an_unknown_task_is_reported_not_waited_for(

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from producer.client import Client
-from producer.contract import HEALTH_REPORT_KEY, QUEUE_CPU, QUEUE_GPU, HealthReport
+from producer.contract import HEALTH_REPORT_KEY, QUEUE_CPU, QUEUE_GPU, HealthReport, row_queue
 from tests.support import RunningWorker, TrainedModel
 from worker.processes import beat_process, celery_env
 
@@ -46,7 +46,7 @@ def test_beat_publishes_a_report_naming_the_live_worker(
 
     me = next(w for w in report.workers if w.hostname == cpu_worker.hostname)
     assert me.processes == 2
-    assert me.queues == [QUEUE_CPU]
+    assert me.queues == [QUEUE_CPU, row_queue(QUEUE_CPU)]
     assert me.pool == "prefork"
     assert me.model_version == trained_model.manifest.version
     assert me.provider == "CPUExecutionProvider"
@@ -55,7 +55,12 @@ def test_beat_publishes_a_report_naming_the_live_worker(
     assert me.latency.count >= 10 and me.latency.p50_ms is not None
     assert me.latency.p50_ms <= me.latency.p95_ms <= me.latency.p99_ms  # type: ignore[operator]
     assert me.uptime_s > 0
-    assert set(report.queue_depths) == {QUEUE_CPU, QUEUE_GPU}
+    assert set(report.queue_depths) == {
+        QUEUE_CPU, row_queue(QUEUE_CPU), QUEUE_GPU, row_queue(QUEUE_GPU)
+    }  # fmt: skip
+    # The 10 single-row jobs went through the row lane, in batches it counted.
+    assert sum(me.batch_sizes.values()) >= 1
+    assert set(me.batch_sizes) <= {"1", "2-3", "4-7", "8-15"}
     assert report.status in {"ok", "degraded"}
     # The report expires unless beat keeps refreshing it.
     assert 0 < redis_client.ttl(HEALTH_REPORT_KEY) <= 4

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from celery import Celery
 
 from producer.client import Client
-from producer.contract import QUEUE_CPU, TASK_PREDICT, TASK_PREDICT_BATCH
+from producer.contract import QUEUE_CPU, TASK_PREDICT, TASK_PREDICT_BATCH, row_queue
 from producer.errors import FeatureCountMismatch, InvalidInput
 from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel
 
@@ -120,8 +121,12 @@ def test_bad_batch_fails_with_a_typed_error(
     assert text in status.error.message
 
 
-def test_positional_arguments_are_refused(client: Client) -> None:
-    result = client.app.send_task(TASK_PREDICT, args=[FIVE], queue=QUEUE_CPU)
+@pytest.mark.parametrize("queue", [QUEUE_CPU, row_queue(QUEUE_CPU)], ids=["celery", "row-lane"])
+def test_positional_arguments_are_refused(
+    client: Client, celery_sender: Celery, queue: str
+) -> None:
+    # Either way in: Celery's consumer (inference.cpu) or the row lane (inference.cpu.rows).
+    result = celery_sender.send_task(TASK_PREDICT, args=[FIVE], queue=queue)
     status = next(client.iter_finished([result.id]))
     assert status.error is not None and status.error.type == "InvalidInput"
     assert "positional" in status.error.message

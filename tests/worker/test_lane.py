@@ -1,0 +1,214 @@
+"""The row lane against a real Redis: atomic take, kombu-compatible holding and restore,
+results Celery can read, and bad jobs failed one by one without stopping their batch."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fakeredis
+import numpy as np
+import pytest
+import redis
+from celery import Celery
+from kombu import Connection
+
+from producer.contract import (
+    TASK_PREDICT,
+    TASK_PREDICT_BATCH,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    PredictResult,
+    WorkerState,
+    result_key,
+)
+from producer.envelope import read_task_message, task_message
+from producer.errors import FeatureCountMismatch, InvalidInput
+from tests.support import TrainedModel
+from worker.lane import RowLane
+from worker.model import load_model
+from worker.runtime import Runtime
+from worker.settings import WorkerSettings
+from worker.stats import Heartbeat, ProcessStats
+
+QUEUE = "lane-tests.rows"
+FIVE = [0.1, 0.2, 0.3, 0.4, 0.5]
+# A database of its own, flushed per test: restore_visible below hands back every held
+# message in the database, and the shared test worker's must not be among them.
+LANE_DB = 7
+
+
+@pytest.fixture
+def lane_url(redis_url: str) -> Iterator[str]:
+    parts = urlsplit(redis_url)
+    url = urlunsplit(parts._replace(path=f"/{LANE_DB}"))
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    yield url
+
+
+def make_lane(url: str, trained: TrainedModel, **settings: object) -> RowLane:
+    config = WorkerSettings.model_validate(
+        {"redis_url": url, "model_dir": trained.model_dir, "warmup_runs": 0, **settings}
+    )
+    stats = ProcessStats(
+        WorkerState(
+            hostname="lane@tests",
+            pid=1,
+            queues=[QUEUE],
+            pool="prefork",
+            model_name="m",
+            model_version="v",
+            provider="cpu",
+            device="cpu",
+            started_at=0,
+            updated_at=0,
+        )
+    )
+    rt = Runtime(config, load_model(config), stats, Heartbeat(fakeredis.FakeRedis(), stats, 1.0))
+    return RowLane(rt, QUEUE, "lane@tests")
+
+
+def push(client: redis.Redis, kwargs: dict[str, object], task: str = TASK_PREDICT) -> str:
+    task_id, text = task_message(task, kwargs, QUEUE, headers={"enqueued_at": time.time()})
+    client.lpush(QUEUE, text)
+    return task_id
+
+
+def meta(client: redis.Redis, task_id: str) -> dict[str, object]:
+    raw = client.get(result_key(task_id))
+    assert raw is not None, task_id
+    doc: dict[str, object] = json.loads(raw)
+    return doc
+
+
+def test_take_holds_messages_where_kombu_restores_them(
+    lane_url: str, trained_model: TrainedModel
+) -> None:
+    client = redis.Redis.from_url(lane_url)
+    lane = make_lane(lane_url, trained_model, row_batch_max=3)
+    ids = [push(client, {"features": FIVE}) for _ in range(5)]
+    taken = lane.take()
+    # Oldest first, at most row_batch_max, and each one held under its delivery tag.
+    assert [read_task_message(raw).task_id for _, raw in taken] == ids[:3]
+    assert client.llen(QUEUE) == 2
+    for tag, raw in taken:
+        held = client.hget(UNACKED_KEY, tag)
+        assert held is not None and json.loads(held) == [json.loads(raw), "", QUEUE]
+        assert client.zscore(UNACKED_INDEX_KEY, tag) == pytest.approx(time.time(), abs=5)
+    # A process that dies now loses nothing: kombu's own scan hands them back.
+    with Connection(lane_url, transport_options={"visibility_timeout": 0}) as conn:
+        channel: Any = conn.default_channel  # kombu's Redis channel; its stub has no qos
+        channel.qos.restore_visible(num=100)
+    assert client.hlen(UNACKED_KEY) == 0
+    back = [read_task_message(m) for m in client.lrange(QUEUE, 0, -1)]
+    assert sorted(m.task_id for m in back) == sorted(ids)
+    lane.stop()
+    client.close()
+
+
+def test_a_batch_serves_good_jobs_and_fails_bad_ones_each_with_its_own_result(
+    lane_url: str, trained_model: TrainedModel
+) -> None:
+    client = redis.Redis.from_url(lane_url)
+    lane = make_lane(lane_url, trained_model)
+    rows = trained_model.X_test[:6]
+    good = [push(client, {"features": r.tolist()}) for r in rows]
+    short = push(client, {"features": [0.1, 0.2]})
+    nan = push(client, {"features": [0.1, float("nan"), 0.3, 0.4, 0.5]})
+    other = push(client, {"rows": [FIVE]}, task=TASK_PREDICT_BATCH)
+    client.lpush(QUEUE, "not json at all")
+    lane.serve(lane.take())
+
+    for task_id, expected in zip(good, trained_model.reference(rows), strict=True):
+        doc = meta(client, task_id)
+        assert doc["status"] == "SUCCESS" and doc["task_id"] == task_id
+        result = PredictResult.model_validate(doc["result"])
+        assert result.prediction == pytest.approx(float(expected), abs=1e-6)
+        assert result.batch_size == 6 and result.hostname == "lane@tests"
+        assert result.latency.queue_wait_ms is not None
+        assert 0 < client.ttl(result_key(task_id)) <= lane.result_ttl
+    assert meta(client, short)["result"]["exc_type"] == "FeatureCountMismatch"  # type: ignore[index]
+    assert meta(client, nan)["result"]["exc_type"] == "InvalidInput"  # type: ignore[index]
+    assert "inference.predict jobs only" in str(meta(client, other)["result"])
+    # Everything was acknowledged, the bad ones included; nothing is left behind.
+    assert client.hlen(UNACKED_KEY) == 0 and client.zcard(UNACKED_INDEX_KEY) == 0
+    assert client.llen(QUEUE) == 0
+    snap = lane.rt.stats.snapshot()
+    assert (snap.jobs_done, snap.jobs_failed) == (6, 4)
+    assert snap.batch_sizes == {"4-7": 1}
+    lane.stop()
+    client.close()
+
+
+def test_celery_reads_the_lanes_results_and_raises_its_errors(
+    lane_url: str, trained_model: TrainedModel
+) -> None:
+    client = redis.Redis.from_url(lane_url)
+    lane = make_lane(lane_url, trained_model)
+    row = trained_model.X_test[0]
+    ok = push(client, {"features": row.tolist()})
+    bad = push(client, {"features": [1.0]})
+    lane.serve(lane.take())
+    app = Celery("reader", broker=lane_url, backend=lane_url)
+    app.conf.update(result_accept_content=["json"], accept_content=["json"])
+    try:
+        result = app.AsyncResult(ok).get(timeout=10)
+        assert result["prediction"] == pytest.approx(
+            float(trained_model.reference(row[None])[0]), abs=1e-6
+        )
+        with pytest.raises(FeatureCountMismatch, match="expects 5"):
+            app.AsyncResult(bad).get(timeout=10)
+        assert issubclass(FeatureCountMismatch, InvalidInput)
+    finally:
+        app.close()
+        lane.stop()
+        client.close()
+
+
+def test_the_lane_waits_up_to_row_batch_wait_ms_to_fill_a_batch(
+    lane_url: str, trained_model: TrainedModel
+) -> None:
+    client = redis.Redis.from_url(lane_url)
+    lane = make_lane(lane_url, trained_model, row_batch_wait_ms=1000, row_batch_max=2)
+    push(client, {"features": FIVE})
+    later = threading.Timer(0.05, lambda: push(client, {"features": FIVE}))
+    later.start()
+    started = time.monotonic()
+    taken = lane.take()
+    # Both, and it returned as soon as the batch was full, not after the whole wait.
+    assert len(taken) == 2 and time.monotonic() - started < 0.9
+    later.join()
+    # Without a wait, a lone job goes at once.
+    quick = make_lane(lane_url, trained_model)
+    push(client, {"features": FIVE})
+    assert len(quick.take()) == 1
+    for each in (lane, quick):
+        each.stop()
+    client.close()
+
+
+def test_a_running_lane_serves_until_stopped_and_then_takes_nothing(
+    lane_url: str, trained_model: TrainedModel
+) -> None:
+    client = redis.Redis.from_url(lane_url)
+    lane = make_lane(lane_url, trained_model)
+    lane.start()
+    rows = np.asarray(trained_model.X_test[:50])
+    ids = [push(client, {"features": r.tolist()}) for r in rows]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and client.exists(*(result_key(t) for t in ids)) < 50:
+        time.sleep(0.01)
+    got = [PredictResult.model_validate(meta(client, t)["result"]).prediction for t in ids]
+    np.testing.assert_allclose(got, trained_model.reference(rows), atol=1e-6)
+    lane.stop(timeout=5)
+    assert not lane._thread.is_alive()
+    late = push(client, {"features": FIVE})
+    time.sleep(0.2)
+    assert client.get(result_key(late)) is None and client.llen(QUEUE) == 1
+    client.close()

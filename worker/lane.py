@@ -1,0 +1,343 @@
+"""The single-row lane: each worker process takes single-row jobs off <queue>.rows in
+batches and predicts each batch with one onnxruntime call.
+
+Celery spends about a millisecond of CPU on every message (receive, a Request, the pool
+hand-off, an acknowledgement, a result write, each its own Redis round trip), while one
+row costs the model ~20 us. Here a thread in the process that holds the model takes up to
+`row_batch_max` messages in one Redis call, predicts them together, and writes every
+result and acknowledgement in one pipeline. Each job stays its own Celery task: same task
+name, same message, its own result under celery-task-meta-<id>, published as Celery's
+backend does, so a producer polls it, or waits with AsyncResult.get(), as before.
+
+Delivery is kombu's, made atomic: a Lua script pops the messages and records them as
+unacknowledged (kombu's own `unacked` hash and `unacked_index`) in one step, so a process
+killed at any point loses nothing: the Celery consumer of any worker hands held messages
+back to the queue after the visibility timeout, as it does for its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+
+from producer.connections import redis_client
+from producer.contract import (
+    HEADER_ENQUEUED_AT,
+    TASK_PREDICT,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    Latency,
+    PredictRequest,
+    PredictResult,
+    parse_request,
+    result_key,
+)
+from producer.envelope import MessageRefused, read_task_message
+from producer.errors import InferenceError, InvalidInput
+from worker.messages import body_problem, envelope_problem
+from worker.runtime import Runtime
+from worker.service import queue_wait_ms
+
+log = logging.getLogger(__name__)
+
+# A single-row message is well under a kilobyte. The take script decodes each message in
+# Redis to find its delivery tag; a larger one is not decoded there, nor registered.
+MAX_ROW_MESSAGE_BYTES = 1 << 20
+
+# KEYS: queue, unacked hash, unacked index. ARGV: most messages, now (Unix s), the tail of
+# the unacked record (`,"<exchange>","<routing key>"]`), the largest message decoded.
+# Returns tag, message, tag, message...; the tag is "" for a message it did not register.
+_TAKE = """
+local items = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
+if not items then return {} end
+local out = {}
+local limit = tonumber(ARGV[4])
+for _, raw in ipairs(items) do
+  local tag = ''
+  if #raw <= limit then
+    local ok, msg = pcall(cjson.decode, raw)
+    if ok and type(msg) == 'table' and type(msg.properties) == 'table' then
+      local t = msg.properties.delivery_tag
+      if type(t) == 'string' and #t > 0 and #t <= 255 then tag = t end
+    end
+  end
+  if tag ~= '' then
+    redis.call('ZADD', KEYS[3], ARGV[2], tag)
+    redis.call('HSET', KEYS[2], tag, '[' .. raw .. ARGV[3])
+  end
+  out[#out + 1] = tag
+  out[#out + 1] = raw
+end
+return out
+"""
+
+# Seconds a write of results is retried while Redis is away; the messages stay held
+# (unacknowledged) meanwhile, and come back to the queue if this process gives up or dies.
+WRITE_RETRY_S = 60.0
+
+
+@dataclass
+class _Job:
+    tag: str
+    task_id: str | None
+    headers: dict[str, Any]
+    features: list[float] | None = None
+    error: InferenceError | None = None
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+def result_document(task_id: str, state: str, result: Any) -> str:
+    """What Celery's Redis backend stores for a finished task."""
+    meta = {
+        "status": state,
+        "result": result,
+        "traceback": None,
+        "children": [],
+        "date_done": _utc_now(),
+        "task_id": task_id,
+    }
+    return json.dumps(meta, separators=(",", ":"))
+
+
+def error_document(exc: BaseException) -> dict[str, Any]:
+    """An exception as Celery's backend serializes it for a JSON result."""
+    return {
+        "exc_type": type(exc).__name__,
+        "exc_message": list(exc.args),
+        "exc_module": type(exc).__module__,
+    }
+
+
+class RowLane:
+    """Takes batches of single-row jobs off one queue until stopped. One per process."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        queue: str,
+        hostname: str,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.rt = rt
+        self.queue = queue
+        self.hostname = hostname
+        settings = rt.settings
+        self.max_batch = settings.row_batch_max
+        self.wait_s = settings.row_batch_wait_ms / 1000.0
+        self.result_ttl = settings.result_ttl_s
+        self.broker = redis_client(settings.broker, settings)
+        self.backend = redis_client(settings.backend, settings)
+        self._take = self.broker.register_script(_TAKE)
+        self._record_tail = "," + json.dumps(["", queue])[1:]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inference-row-lane", daemon=True)
+        self._on_batch = on_batch or rt.stats.batch
+
+    # -- life ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info(
+            "row lane on %s: batches of up to %d, waiting up to %g ms to fill one",
+            self.queue,
+            self.max_batch,
+            self.wait_s * 1000,
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in hand (its results written, its messages acknowledged), then
+        stop taking more."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.broker.close()
+        self.backend.close()
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                taken = self.take()
+                if not taken:
+                    self._wait_for_work()
+                    continue
+                self.serve(taken)
+                backoff = 0.1
+            except redis.RedisError as exc:
+                log.warning("row lane: Redis error, retrying in %.1fs: %s", backoff, exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                # Never let one bad batch end the lane: its messages stay held and come
+                # back after the visibility timeout.
+                log.exception("row lane: unexpected error")
+                self._stop.wait(1.0)
+
+    def _wait_for_work(self) -> None:
+        # Blocks until the list has an element, without taking it: a tail-to-tail move of
+        # a list onto itself leaves it as it was. The take script then takes it atomically.
+        self.broker.blmove(self.queue, self.queue, 1, "RIGHT", "RIGHT")
+
+    # -- one batch -------------------------------------------------------------------------
+
+    def take(self) -> list[tuple[str, bytes]]:
+        """Up to max_batch messages, each recorded as held; waits up to row_batch_wait_ms
+        for more once there is one."""
+        taken = self._take_now(self.max_batch)
+        if taken and self.wait_s > 0 and len(taken) < self.max_batch:
+            deadline = time.monotonic() + self.wait_s
+            while len(taken) < self.max_batch and time.monotonic() < deadline:
+                more = self._take_now(self.max_batch - len(taken))
+                if more:
+                    taken.extend(more)
+                else:
+                    time.sleep(min(0.0005, max(0.0, deadline - time.monotonic())))
+        return taken
+
+    def _take_now(self, most: int) -> list[tuple[str, bytes]]:
+        flat = self._take(
+            keys=[self.queue, UNACKED_KEY, UNACKED_INDEX_KEY],
+            args=[most, time.time(), self._record_tail, MAX_ROW_MESSAGE_BYTES],
+        )
+        return [(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    def serve(self, taken: list[tuple[str, bytes]]) -> None:
+        started_wall, started = time.time(), time.perf_counter()
+        jobs = [self._read(tag, raw) for tag, raw in taken]
+        valid = [j for j in jobs if j.error is None]
+        inference_ms = 0.0
+        predictions: list[float] = []
+        if valid:
+            matrix = np.asarray([j.features for j in valid], dtype=np.float32)
+            t0 = time.perf_counter()
+            predictions = self.rt.model.predict(matrix).astype(np.float64).tolist()
+            inference_ms = (time.perf_counter() - t0) * 1000.0
+        task_ms = (time.perf_counter() - started) * 1000.0
+        common = self._common()
+        writes: list[tuple[str, str]] = []
+        for job, prediction in zip(valid, predictions, strict=True):
+            result = PredictResult(
+                prediction=prediction,
+                batch_size=len(valid),
+                latency=Latency(
+                    queue_wait_ms=queue_wait_ms(job.headers.get(HEADER_ENQUEUED_AT), started_wall),
+                    inference_ms=round(inference_ms, 3),
+                    task_ms=round(task_ms, 3),
+                ),
+                **common,
+            )
+            assert job.task_id is not None
+            writes.append(
+                (job.task_id, result_document(job.task_id, "SUCCESS", result.model_dump()))
+            )
+            self.rt.stats.succeeded(task_ms, 1)
+        for job in jobs:
+            if job.error is not None:
+                self.rt.stats.failed()
+                if job.task_id is not None:
+                    doc = result_document(job.task_id, "FAILURE", error_document(job.error))
+                    writes.append((job.task_id, doc))
+        self._write(writes, [j.tag for j in jobs if j.tag])
+        if valid:
+            self._on_batch(len(valid))
+
+    def _read(self, tag: str, raw: bytes) -> _Job:
+        # An empty tag: the take script did not register the message (too large for Redis
+        # to decode, or not a kombu message): it is served all the same, with nothing to
+        # acknowledge, and is lost only if this process dies within the batch.
+        if len(raw) > self.rt.settings.max_message_bytes:
+            log.error(
+                "row lane: dropped a message of %d bytes on %s (max_message_bytes is %d)",
+                len(raw),
+                self.queue,
+                self.rt.settings.max_message_bytes,
+            )
+            return _Job(tag, None, {}, error=InvalidInput("message too large"))
+        try:
+            message = read_task_message(raw)
+        except MessageRefused as exc:
+            return self._refused(tag, exc.headers, str(exc))
+        problem = envelope_problem(message.headers) or body_problem(message.body)
+        if problem is None and message.task != TASK_PREDICT:
+            problem = f"queue {self.queue} takes {TASK_PREDICT} jobs only, not {message.task!r}"
+        if problem is None and message.headers.get("eta") is not None:
+            problem = f"a delayed job (eta) is not accepted on {self.queue}"
+        if problem is not None:
+            return self._refused(tag, message.headers, problem)
+        job = _Job(tag, message.task_id, message.headers)
+        args, kwargs, _ = message.body
+        try:
+            request = parse_request(
+                PredictRequest,
+                tuple(args),
+                kwargs,
+                n_features=self.rt.model.n_features,
+                max_rows=1,
+            )
+            job.features = request.features
+        except InferenceError as exc:
+            # Kept without its traceback: its frames hold the job that holds it, a cycle that
+            # only a full garbage collection would free (the pool process's RSS grew ~30 MB
+            # over a few thousand bad jobs).
+            job.error = exc.with_traceback(None)
+            job.error.__context__ = None
+        return job
+
+    def _refused(self, tag: str, headers: dict[str, Any], reason: str) -> _Job:
+        task_id = headers.get("id")
+        if envelope_problem({"id": task_id}) is not None:
+            log.error("row lane: dropped a message on %s: %s", self.queue, reason)
+            task_id = None
+        return _Job(tag, task_id, headers, error=InvalidInput(reason))
+
+    def _common(self) -> dict[str, Any]:
+        model = self.rt.model
+        return {
+            "model_name": model.manifest.name,
+            "model_version": model.manifest.version,
+            "provider": model.provider,
+            "device": model.device,
+            "hostname": self.hostname,
+        }
+
+    def _write(self, results: list[tuple[str, str]], tags: list[str]) -> None:
+        """Every result (SET with the result TTL, and PUBLISH for AsyncResult.get()), then
+        every acknowledgement: a job is released only once its result is stored."""
+        deadline = time.monotonic() + WRITE_RETRY_S
+        while True:
+            try:
+                if results:
+                    with self.backend.pipeline(transaction=False) as pipe:
+                        for task_id, doc in results:
+                            key = result_key(task_id)
+                            pipe.set(key, doc, ex=self.result_ttl)
+                            pipe.publish(key, doc)
+                        pipe.execute()
+                    results = []
+                if tags:
+                    with self.broker.pipeline(transaction=False) as pipe:
+                        pipe.zrem(UNACKED_INDEX_KEY, *tags)
+                        pipe.hdel(UNACKED_KEY, *tags)
+                        pipe.execute()
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("row lane: could not write results yet: %s", exc)
+                time.sleep(0.5)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
