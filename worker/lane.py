@@ -53,32 +53,42 @@ log = logging.getLogger(__name__)
 # Redis to find its delivery tag; a larger one is not decoded there, nor registered.
 MAX_ROW_MESSAGE_BYTES = 1 << 20
 
-# KEYS: queue, unacked hash, unacked index. ARGV: most messages, now (Unix s), the tail of
-# the unacked record (`,"<exchange>","<routing key>"]`), the largest message decoded.
-# Returns tag, message, tag, message...; the tag is "" for a message it did not register.
+# KEYS: unacked hash, unacked index, then the queue's lists in priority order (kombu keeps
+# a message sent with a priority in a list of its own). ARGV: most messages, now (Unix s),
+# the tail of the unacked record (`,"<exchange>","<routing key>"]`), the largest message
+# decoded. Returns tag, message, tag, message...; the tag is "" for a message it did not
+# register.
 _TAKE = """
-local items = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
-if not items then return {} end
-local out = {}
+local want = tonumber(ARGV[1])
 local limit = tonumber(ARGV[4])
-for _, raw in ipairs(items) do
-  local tag = ''
-  if #raw <= limit then
-    local ok, msg = pcall(cjson.decode, raw)
-    if ok and type(msg) == 'table' and type(msg.properties) == 'table' then
-      local t = msg.properties.delivery_tag
-      if type(t) == 'string' and #t > 0 and #t <= 255 then tag = t end
+local out = {}
+for k = 3, #KEYS do
+  if want <= 0 then break end
+  local items = redis.call('RPOP', KEYS[k], want)
+  if items then
+    want = want - #items
+    for _, raw in ipairs(items) do
+      local tag = ''
+      if #raw <= limit then
+        local ok, msg = pcall(cjson.decode, raw)
+        if ok and type(msg) == 'table' and type(msg.properties) == 'table' then
+          local t = msg.properties.delivery_tag
+          if type(t) == 'string' and #t > 0 and #t <= 255 then tag = t end
+        end
+      end
+      if tag ~= '' then
+        redis.call('ZADD', KEYS[2], ARGV[2], tag)
+        redis.call('HSET', KEYS[1], tag, '[' .. raw .. ARGV[3])
+      end
+      out[#out + 1] = tag
+      out[#out + 1] = raw
     end
   end
-  if tag ~= '' then
-    redis.call('ZADD', KEYS[3], ARGV[2], tag)
-    redis.call('HSET', KEYS[2], tag, '[' .. raw .. ARGV[3])
-  end
-  out[#out + 1] = tag
-  out[#out + 1] = raw
 end
 return out
 """
+
+PRIORITY_SEP = "\x06\x16"
 
 # Seconds a write of results is retried while Redis is away; the messages stay held
 # (unacknowledged) meanwhile, and come back to the queue if this process gives up or dies.
@@ -140,6 +150,9 @@ class RowLane:
         self.broker = redis_client(settings.broker, settings)
         self.backend = redis_client(settings.backend, settings)
         self._take = self.broker.register_script(_TAKE)
+        # kombu's Redis transport: priority 0 (the default) is the queue's own list, and is
+        # served first; 3, 6 and 9 have lists of their own.
+        self._lists = [queue, *(f"{queue}{PRIORITY_SEP}{p}" for p in (3, 6, 9))]
         self._record_tail = "," + json.dumps(["", queue])[1:]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference-row-lane", daemon=True)
@@ -188,6 +201,8 @@ class RowLane:
     def _wait_for_work(self) -> None:
         # Blocks until the list has an element, without taking it: a tail-to-tail move of
         # a list onto itself leaves it as it was. The take script then takes it atomically.
+        # Only the default priority's list is watched: a job sent with a priority waits at
+        # most this timeout (1 s) when nothing else arrives.
         self.broker.blmove(self.queue, self.queue, 1, "RIGHT", "RIGHT")
 
     # -- one batch -------------------------------------------------------------------------
@@ -208,7 +223,7 @@ class RowLane:
 
     def _take_now(self, most: int) -> list[tuple[str, bytes]]:
         flat = self._take(
-            keys=[self.queue, UNACKED_KEY, UNACKED_INDEX_KEY],
+            keys=[UNACKED_KEY, UNACKED_INDEX_KEY, *self._lists],
             args=[most, time.time(), self._record_tail, MAX_ROW_MESSAGE_BYTES],
         )
         return [(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]

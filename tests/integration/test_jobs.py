@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from celery import Celery
 
 from producer.client import Client
 from producer.contract import QUEUE_CPU, TASK_PREDICT, TASK_PREDICT_BATCH, row_queue
 from producer.errors import FeatureCountMismatch, InvalidInput
 from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel
+from worker.processes import celery_env, wait_ready, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +156,39 @@ def test_producer_refuses_bad_input_before_enqueueing(client: Client) -> None:
         client.submit([0.1, 0.2, 0.3])
     with pytest.raises(InvalidInput, match="exceed"):
         client.submit_batch([FIVE] * (TEST_MAX_BATCH_ROWS + 1))
+
+
+@pytest.fixture(scope="module")
+def laneless_worker(
+    redis_url: str, trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningWorker]:
+    """INFERENCE_ROW_LANE=false, the row queue named in -Q: Celery's consumer serves it."""
+    queue = f"laneless-{uuid.uuid4().hex[:8]}"
+    hostname = f"{queue}@tests"
+    env = celery_env(redis_url, model_dir=trained_model.model_dir, row_lane="false")
+    log = tmp_path_factory.mktemp("logs") / "laneless.log"
+    proc = worker_process(
+        env, log, queue=f"{queue},{row_queue(queue)}", name=hostname, pool="solo"
+    ).start()
+    state = redis.Redis.from_url(redis_url)
+    try:
+        wait_ready(proc, state, hostname, processes=1)
+        yield RunningWorker(proc, hostname, queue)
+    finally:
+        proc.stop()
+        state.close()
+
+
+def test_without_the_row_lane_celery_serves_the_row_queue_from_the_same_messages(
+    client: Client, laneless_worker: RunningWorker, trained_model: TrainedModel
+) -> None:
+    # The messages the client builds itself are Celery's own: a stock consumer takes them.
+    rows = trained_model.X_test[:20]
+    ids = client.submit_many(rows.tolist(), laneless_worker.queue)
+    bad = client.send(TASK_PREDICT, {"features": [1.0]}, laneless_worker.queue)
+    finished = {s.task_id: s for s in client.iter_finished([*ids, bad])}
+    got = [finished[t].result["prediction"] for t in ids]  # type: ignore[index]
+    np.testing.assert_allclose(got, trained_model.reference(rows), atol=1e-6)
+    # One at a time: no batch_size beyond 1, and errors typed as on the lane.
+    assert {finished[t].result["batch_size"] for t in ids} == {1}  # type: ignore[index]
+    assert finished[bad].error is not None and finished[bad].error.type == "FeatureCountMismatch"

@@ -112,6 +112,21 @@ def test_take_holds_messages_where_kombu_restores_them(
     client.close()
 
 
+def test_jobs_sent_with_a_priority_are_taken_too_default_priority_first(
+    lane_url: str, trained_model: TrainedModel
+) -> None:
+    client = redis.Redis.from_url(lane_url)
+    lane = make_lane(lane_url, trained_model)
+    low_id, low = task_message(TASK_PREDICT, {"features": FIVE}, QUEUE)
+    # Where kombu's Redis transport puts a message sent with priority 6.
+    client.lpush(f"{QUEUE}\x06\x166", low)
+    plain = push(client, {"features": FIVE})
+    taken = [read_task_message(raw).task_id for _, raw in lane.take()]
+    assert taken == [plain, low_id]
+    lane.stop()
+    client.close()
+
+
 def test_a_batch_serves_good_jobs_and_fails_bad_ones_each_with_its_own_result(
     lane_url: str, trained_model: TrainedModel
 ) -> None:
