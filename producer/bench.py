@@ -452,6 +452,24 @@ def find_local_model(
     return LocalModel(path, manifest.version, manifest.input_name, manifest.output_name), None
 
 
+def training_summary(local: LocalModel | None, reason: str | None) -> dict[str, Any]:
+    """What `python -m training` measured for this version (P4), from its benchmark.json."""
+    from training.artifact import BENCHMARK_FILE
+
+    if local is None:
+        return {"available": False, "reason": reason}
+    path = local.path.parent / BENCHMARK_FILE
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {
+            "available": False,
+            "reason": f"no training benchmark for this version ({path.name}: {exc}); "
+            "`python -m training` writes one unless --no-benchmark",
+        }
+    return {"available": True, "path": str(path), **summary}
+
+
 def one_row_latency_us(
     predict: Callable[[NDArray[Any]], Any], row: NDArray[np.float32]
 ) -> dict[str, Any]:
@@ -730,6 +748,7 @@ def measure(
     }
     local, local_reason = find_local_model(model_dir, info.name, info.version)
     reference = local.predictor(1) if local else None
+    report["model_goals"] = training_summary(local, local_reason)
 
     say(f"probing {TASK_NOOP}")
     noop_reason = probe_noop(client, queue, config.noop_probe_s)

@@ -144,6 +144,45 @@ def compute_ratios(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return ratios
 
 
+P4_SPEEDUP = 50.0
+P4_MAX_BYTES = 5_000_000
+P4_MAX_R2_LOSS = 0.01
+
+
+def _p4(goals: dict[str, Any]) -> dict[str, Any]:
+    label = "onnxruntime vs scikit-learn per row (1-row p50), x"
+    if not goals.get("available"):
+        return {
+            "label": label,
+            "value": None,
+            "goal": None,
+            "met": None,
+            "unavailable": goals.get("reason") or "no training benchmark",
+        }
+    speedup = _number(goals.get("one_row_speedup"))
+    size = _number(goals.get("artifact_bytes"))
+    loss = _number(goals.get("r2_loss"))
+    met = (
+        speedup is not None
+        and speedup >= P4_SPEEDUP
+        and size is not None
+        and size <= P4_MAX_BYTES
+        and (loss is None or loss <= P4_MAX_R2_LOSS)
+    )
+    size_text = f"{size / 1e6:.2f} MB" if size is not None else "?"
+    loss_text = f"{loss:.4f}" if loss is not None else "none (unpruned)"
+    return {
+        "label": label,
+        "value": speedup,
+        "goal": f">= {P4_SPEEDUP:g}, model.onnx <= {P4_MAX_BYTES / 1e6:g} MB, "
+        f"R2 loss vs unpruned <= {P4_MAX_R2_LOSS:g}",
+        "met": met,
+        "detail": f"model.onnx {size_text}, R2 loss {loss_text}; measured by `python -m "
+        f"training` at {goals.get('measured_at')} on {goals.get('cores')} cores",
+        "unavailable": None,
+    }
+
+
 def compute_goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ready = _number(lookup(report, "worker.start_to_ready_s"))
     return {
@@ -157,16 +196,7 @@ def compute_goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if ready is not None
             else "measured only with --embedded (the bench starts the worker)",
         },
-        "P4": {
-            "label": "onnxruntime vs scikit-learn per row",
-            "value": None,
-            "goal": None,
-            "met": None,
-            "unavailable": (
-                "not measured here: the model's training data is not reproduced and nothing "
-                "is re-fitted; see `python -m training`, which prints it after training"
-            ),
-        },
+        "P4": _p4(report.get("model_goals") or {}),
     }
 
 
@@ -313,6 +343,8 @@ def format_report(report: dict[str, Any]) -> str:
             continue
         verdict = "  met" if g["met"] else "  NOT met"
         lines.append(f"  {key:<8}{g['value']:>8.2f}  {g['label']}  goal {g['goal']}{verdict}")
+        if g.get("detail"):
+            lines.append(f"  {'':<18}({g['detail']})")
 
     checks = report.get("checks") or {}
     lines += ["", f"checks: {'passed' if checks.get('passed') else 'FAILED'}"]

@@ -21,6 +21,9 @@ from producer.errors import ModelArtifactError
 
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
+# Written beside the manifest by `python -m training` after publishing: what the model costs
+# against scikit-learn, measured on the training machine. Not part of the artifact's checks.
+BENCHMARK_FILE = "benchmark.json"
 Variant = Literal["cpu", "gpu"]
 
 

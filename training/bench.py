@@ -8,19 +8,24 @@ scikit-learn at n_jobs=1; one last line repeats the batch figures with all cores
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
 from sklearn.pipeline import Pipeline
 
-from training.artifact import Manifest, Variant, verified_model_path
+from training.artifact import BENCHMARK_FILE, Manifest, Variant, verified_model_path
+from training.config import TrainConfig
 from training.export import cpu_session, onnx_predict
+
+if TYPE_CHECKING:
+    from training.train import TrainOutcome
 
 LATENCY_CALLS = 200
 WARMUP_CALLS = 20
@@ -132,6 +137,52 @@ def run_benchmark(
         + ", ".join(f"{k} {v:,.0f}" for k, v in all_cores.items())
     )
     return results
+
+
+def unpruned_r2(config: TrainConfig, outcome: TrainOutcome) -> float:
+    """Test R2 of the same forest grown without depth or leaf limits, on the same split:
+    what the default limits cost in accuracy."""
+    from sklearn.metrics import r2_score
+
+    from training.train import build_pipeline, split
+
+    X_train, X_test, y_train, y_test = split(outcome.dataset, config.test_size, config.seed)
+    pipeline = build_pipeline(config.model_copy(update={"max_depth": None, "min_samples_leaf": 1}))
+    pipeline.fit(X_train, y_train)
+    return float(r2_score(y_test, pipeline.predict(X_test)))
+
+
+def write_summary(
+    version_dir: Path,
+    manifest: Manifest,
+    results: dict[str, Timing],
+    reference_r2: float | None,
+) -> dict[str, Any]:
+    """The model's goal figures (P4), beside its manifest, for `python -m producer bench`."""
+    from datetime import UTC, datetime
+
+    cpu_file = manifest.files["cpu"]
+    sklearn = results["scikit-learn"]
+    ort = results[f"onnxruntime {cpu_file.path}"]
+    r2 = manifest.metrics["r2"]
+    summary = {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        "one_row_p50_us": {"scikit-learn": sklearn.p50_us, "onnxruntime": ort.p50_us},
+        "one_row_speedup": sklearn.p50_us / ort.p50_us,
+        "batch_rows_per_s_one_thread": {
+            "scikit-learn": sklearn.rows_per_s,
+            "onnxruntime": ort.rows_per_s,
+        },
+        "artifact_bytes": cpu_file.size_bytes,
+        "r2": r2,
+        "unpruned_r2": reference_r2,
+        "r2_loss": None if reference_r2 is None else reference_r2 - r2,
+        "max_depth": manifest.params.get("max_depth"),
+        "min_samples_leaf": manifest.params.get("min_samples_leaf"),
+    }
+    (version_dir / BENCHMARK_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def _seconds(predict: Predict, X: NDArray[np.float64]) -> float:

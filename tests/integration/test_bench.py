@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from producer import bench
-from producer.bench_report import RATIOS, compute_ratios, format_report, lookup
+from producer.bench_report import RATIOS, compute_goals, compute_ratios, format_report, lookup
 from producer.client import Client
 from producer.settings import ProducerSettings
 from tests.support import RunningWorker, TrainedModel
@@ -185,6 +185,36 @@ def test_quick_shrinks_the_defaults_and_flags_win() -> None:
     assert full.sustained_jobs == bench.FULL["sustained_jobs"]
     assert quick.sustained_jobs == bench.QUICK["sustained_jobs"] < full.sustained_jobs
     assert quick.bulk_rows == 123
+
+
+@pytest.mark.parametrize(
+    ("speedup", "size", "loss", "met"),
+    [
+        (286.0, 4_485_746, 0.0077, True),
+        (49.0, 4_485_746, 0.0077, False),
+        (286.0, 32_800_000, 0.0, False),
+        (286.0, 4_485_746, 0.02, False),
+        (286.0, 4_485_746, None, True),
+    ],
+)
+def test_p4_needs_speed_size_and_accuracy_together(
+    speedup: float, size: int, loss: float | None, met: bool
+) -> None:
+    goals = compute_goals(
+        {
+            "model_goals": {
+                "available": True,
+                "one_row_speedup": speedup,
+                "artifact_bytes": size,
+                "r2_loss": loss,
+                "measured_at": "t",
+                "cores": 2,
+            }
+        }
+    )
+    assert goals["P4"]["value"] == speedup and goals["P4"]["met"] is met
+    missing = compute_goals({"model_goals": {"available": False, "reason": "no file"}})
+    assert missing["P4"]["value"] is None and missing["P4"]["unavailable"] == "no file"
 
 
 def test_a_ratio_without_its_denominator_is_unavailable() -> None:

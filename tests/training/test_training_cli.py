@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from training import bench, cli, tradeoff
-from training.artifact import load_manifest, verified_model_path
+from training.artifact import BENCHMARK_FILE, load_manifest, verified_model_path
 from training.train import TrainConfig, TrainOutcome
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,6 +114,28 @@ def test_benchmark_prints_every_engine(trained: TrainOutcome, monkeypatch) -> No
     assert "intra_op_num_threads=1" in text and "all " in text and "256 rows" in text
     # The fitted forest's own n_jobs is restored after the single-thread measurements.
     assert trained.pipeline.named_steps["forest"].n_jobs == 1
+
+
+def test_the_summary_records_the_model_goals_beside_the_manifest(
+    trained: TrainOutcome, monkeypatch
+) -> None:
+    monkeypatch.setattr(bench, "LATENCY_CALLS", 5)
+    monkeypatch.setattr(bench, "WARMUP_CALLS", 1)
+    monkeypatch.setattr(bench, "BATCH_ROWS", 256)
+    results = bench.run_benchmark(
+        trained.version_dir, trained.manifest, trained.pipeline, trained.X_test, lambda _: None
+    )
+    config = TrainConfig(n_samples=3_000, n_jobs=1)
+    reference = bench.unpruned_r2(config, trained)
+    summary = bench.write_summary(trained.version_dir, trained.manifest, results, reference)
+    on_disk = json.loads((trained.version_dir / BENCHMARK_FILE).read_text())
+    assert on_disk == summary
+    sk, ort = results["scikit-learn"], results["onnxruntime model.onnx"]
+    assert summary["one_row_speedup"] == pytest.approx(sk.p50_us / ort.p50_us)
+    assert summary["artifact_bytes"] == trained.manifest.files["cpu"].size_bytes
+    assert summary["r2_loss"] == pytest.approx(reference - trained.manifest.metrics["r2"])
+    # Grown without limits, the forest fits its own data at least as closely.
+    assert -1 < reference <= 1
 
 
 def test_tradeoff_compares_with_the_fully_grown_forest(monkeypatch) -> None:
