@@ -55,6 +55,10 @@ class ModelNotReady(TransientError):
     """The worker process has no model loaded (yet)."""
 
 
+class PredictionFailed(TransientError):
+    """onnxruntime raised on the job's rows; another try, or another worker, may succeed."""
+
+
 class StartupError(InferenceError):
     """The worker refuses to start."""
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from celery.utils.time import maybe_iso8601
 
 from producer.connections import redis_client
 from producer.contract import (
@@ -42,7 +43,7 @@ from producer.contract import (
     result_key,
 )
 from producer.envelope import MessageRefused, read_task_message
-from producer.errors import InferenceError, InvalidInput
+from producer.errors import InferenceError, InvalidInput, PredictionFailed
 from worker.messages import body_problem, envelope_problem
 from worker.runtime import Runtime
 from worker.service import queue_wait_ms
@@ -102,6 +103,7 @@ class _Job:
     headers: dict[str, Any]
     features: list[float] | None = None
     error: InferenceError | None = None
+    revoked: bool = False
 
 
 def _utc_now() -> str:
@@ -231,13 +233,12 @@ class RowLane:
     def serve(self, taken: list[tuple[str, bytes]]) -> None:
         started_wall, started = time.time(), time.perf_counter()
         jobs = [self._read(tag, raw) for tag, raw in taken]
-        valid = [j for j in jobs if j.error is None]
+        valid = [j for j in jobs if j.error is None and not j.revoked]
         inference_ms = 0.0
         predictions: list[float] = []
         if valid:
-            matrix = np.asarray([j.features for j in valid], dtype=np.float32)
             t0 = time.perf_counter()
-            predictions = self.rt.model.predict(matrix).astype(np.float64).tolist()
+            valid, predictions = self._predict(valid)
             inference_ms = (time.perf_counter() - t0) * 1000.0
         task_ms = (time.perf_counter() - started) * 1000.0
         common = self._common()
@@ -259,6 +260,10 @@ class RowLane:
             )
             self.rt.stats.succeeded(task_ms, 1)
         for job in jobs:
+            if job.revoked and job.task_id is not None:
+                expired = {"exc_type": "TaskRevokedError", "exc_message": ["expired"]}
+                expired["exc_module"] = "celery.exceptions"
+                writes.append((job.task_id, result_document(job.task_id, "REVOKED", expired)))
             if job.error is not None:
                 self.rt.stats.failed()
                 if job.task_id is not None:
@@ -267,6 +272,24 @@ class RowLane:
         self._write(writes, [j.tag for j in jobs if j.tag])
         if valid:
             self._on_batch(len(valid))
+
+    def _predict(self, jobs: list[_Job]) -> tuple[list[_Job], list[float]]:
+        """One onnxruntime call for the batch. Should it raise, each job is run alone, so one
+        job the model fails on fails alone (PredictionFailed) and the rest are served."""
+        matrix = np.asarray([j.features for j in jobs], dtype=np.float32)
+        try:
+            return jobs, self.rt.model.predict(matrix).astype(np.float64).tolist()
+        except Exception:
+            log.exception("row lane: a batch of %d failed; running its jobs one by one", len(jobs))
+        served: list[_Job] = []
+        predictions: list[float] = []
+        for job, row in zip(jobs, matrix, strict=True):
+            try:
+                predictions.append(float(self.rt.model.predict(row[None, :])[0]))
+                served.append(job)
+            except Exception as exc:
+                job.error = PredictionFailed(f"inference failed: {exc}")
+        return served, predictions
 
     def _read(self, tag: str, raw: bytes) -> _Job:
         # An empty tag: the take script did not register the message (too large for Redis
@@ -291,6 +314,9 @@ class RowLane:
             problem = f"a delayed job (eta) is not accepted on {self.queue}"
         if problem is not None:
             return self._refused(tag, message.headers, problem)
+        if _expired(message.headers.get("expires")):
+            # As Celery does: the job is not run, and its state says why.
+            return _Job(tag, message.task_id, message.headers, revoked=True)
         job = _Job(tag, message.task_id, message.headers)
         args, kwargs, _ = message.body
         try:
@@ -352,6 +378,17 @@ class RowLane:
                     raise
                 log.warning("row lane: could not write results yet: %s", exc)
                 time.sleep(0.5)
+
+
+def _expired(expires: Any) -> bool:
+    """Whether an `expires` header (ISO 8601, checked by envelope_problem) has passed; a time
+    without a zone is taken as UTC, as Celery's own clients send UTC."""
+    when = maybe_iso8601(expires) if expires is not None else None
+    if when is None:
+        return False
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when < datetime.datetime.now(datetime.UTC)
 
 
 def _text(value: bytes | str) -> str:

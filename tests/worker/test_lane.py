@@ -3,6 +3,7 @@ results Celery can read, and bad jobs failed one by one without stopping their b
 
 from __future__ import annotations
 
+import datetime
 import json
 import threading
 import time
@@ -226,4 +227,53 @@ def test_a_running_lane_serves_until_stopped_and_then_takes_nothing(
     late = push(client, {"features": FIVE})
     time.sleep(0.2)
     assert client.get(result_key(late)) is None and client.llen(QUEUE) == 1
+    client.close()
+
+
+def test_an_expired_job_is_revoked_not_run(lane_url: str, trained_model: TrainedModel) -> None:
+    client = redis.Redis.from_url(lane_url)
+    lane = make_lane(lane_url, trained_model)
+    past = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=5)).isoformat()
+    future = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)).isoformat()
+    expired_id, expired = task_message(
+        TASK_PREDICT, {"features": FIVE}, QUEUE, None, {"expires": past}
+    )
+    live_id, live = task_message(TASK_PREDICT, {"features": FIVE}, QUEUE, None, {"expires": future})
+    client.lpush(QUEUE, expired, live)
+    lane.serve(lane.take())
+    revoked = meta(client, expired_id)
+    assert revoked["status"] == "REVOKED"
+    assert revoked["result"]["exc_type"] == "TaskRevokedError"  # type: ignore[index]
+    assert meta(client, live_id)["status"] == "SUCCESS"
+    assert client.hlen(UNACKED_KEY) == 0
+    lane.stop()
+    client.close()
+
+
+def test_a_job_the_model_fails_on_fails_alone(
+    lane_url: str, trained_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis.Redis.from_url(lane_url)
+    lane = make_lane(lane_url, trained_model)
+    real = lane.rt.model.predict
+    poison = 0.123
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        if np.any(np.isclose(rows[:, 0], poison)):
+            raise RuntimeError("onnxruntime: bad node")
+        return real(rows)
+
+    monkeypatch.setattr(lane.rt.model, "predict", predict)
+    rows = trained_model.X_test[:4]
+    good = [push(client, {"features": r.tolist()}) for r in rows]
+    bad = push(client, {"features": [poison, 0.2, 0.3, 0.4, 0.5]})
+    lane.serve(lane.take())
+    got = [PredictResult.model_validate(meta(client, t)["result"]).prediction for t in good]
+    np.testing.assert_allclose(got, trained_model.reference(rows), atol=1e-6)
+    failed = meta(client, bad)
+    assert failed["status"] == "FAILURE"
+    assert failed["result"]["exc_type"] == "PredictionFailed"  # type: ignore[index]
+    assert "bad node" in str(failed["result"])
+    assert client.hlen(UNACKED_KEY) == 0
+    lane.stop()
     client.close()
