@@ -20,7 +20,6 @@ from producer.connections import redis_client
 from producer.contract import (
     HEADER_ENQUEUED_AT,
     HEALTH_REPORT_KEY,
-    MODEL_INFO_KEY,
     QUEUES,
     TASK_PREDICT,
     TASK_PREDICT_BATCH,
@@ -29,6 +28,7 @@ from producer.contract import (
     ModelInfo,
     PredictRequest,
     check_shape,
+    model_info_key,
     parse_request,
     queue_for,
     result_key,
@@ -111,7 +111,7 @@ class Client:
         # GET/MGET. Both clients retry through a Redis restart (redis_client).
         self.redis = redis_client(self.settings.backend, self.settings)
         self.broker = redis_client(self.settings.broker, self.settings)
-        self._model_info: ModelInfo | None = None
+        self._model_info: dict[str, ModelInfo | None] = {}
         self._sent = SentJobs(self.settings.track_sent_jobs)
         self._lost = LostJobFinder(self.broker)
 
@@ -127,15 +127,17 @@ class Client:
 
     # -- model facts, for validating before enqueueing -------------------------------------
 
-    def model_info(self, refresh: bool = False) -> ModelInfo | None:
-        """What the workers serve (published by them at start), or None if none ever started."""
-        if self._model_info is None or refresh:
-            raw = self.redis.get(MODEL_INFO_KEY)
-            self._model_info = None if raw is None else ModelInfo.model_validate_json(raw)
-        return self._model_info
+    def model_info(self, queue: str = "cpu", refresh: bool = False) -> ModelInfo | None:
+        """What the workers of `queue` serve (they publish it at start), or None if none of
+        them ever started."""
+        name = resolve_queue(queue)
+        if self._model_info.get(name) is None or refresh:
+            raw = self.redis.get(model_info_key(name))
+            self._model_info[name] = None if raw is None else ModelInfo.model_validate_json(raw)
+        return self._model_info[name]
 
-    def validate_rows(self, rows: list[list[float]]) -> None:
-        info = self.model_info()
+    def validate_rows(self, rows: list[list[float]], queue: str = "cpu") -> None:
+        info = self.model_info(queue)
         if info is not None:
             check_shape(rows, info.n_features, info.max_batch_rows)
 
@@ -184,9 +186,9 @@ class Client:
                 self.send(job.task, job.kwargs, job.queue, task_id=task_id)
         return lost
 
-    def _parse(self, model: type[M], kwargs: dict[str, Any]) -> M:
+    def _parse(self, model: type[M], kwargs: dict[str, Any], queue: str) -> M:
         """The worker's own validation: shape first (when the model is known), then values."""
-        info = self.model_info()
+        info = self.model_info(queue)
         if info is None:
             return parse_request(model, (), kwargs)
         return parse_request(
@@ -194,16 +196,16 @@ class Client:
         )
 
     def submit(self, features: Sequence[float], queue: str = "cpu") -> str:
-        request = self._parse(PredictRequest, {"features": list(features)})
+        request = self._parse(PredictRequest, {"features": list(features)}, queue)
         return self.send(TASK_PREDICT, request.model_dump(), queue)
 
     def submit_many(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> list[str]:
         """One single-row job per row, enqueued in one round trip; their ids, in order."""
-        requests = [self._parse(PredictRequest, {"features": list(r)}) for r in rows]
+        requests = [self._parse(PredictRequest, {"features": list(r)}, queue) for r in rows]
         return self.send_many(TASK_PREDICT, [r.model_dump() for r in requests], queue)
 
     def submit_batch(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
-        request = self._parse(BatchRequest, {"rows": [list(r) for r in rows]})
+        request = self._parse(BatchRequest, {"rows": [list(r) for r in rows]}, queue)
         return self.send(TASK_PREDICT_BATCH, request.model_dump(), queue)
 
     # -- results ---------------------------------------------------------------------------

@@ -2,18 +2,22 @@
 
 Task names, queue names, request and result schemas and Redis key names live
 here and nowhere else: the producer, the worker and the tests import them.
-Only plain JSON crosses the queue.
+Only plain JSON crosses the queue (float32 rows and predictions travel in it as
+base64 text: encode_f32 / decode_f32).
 """
 
 from __future__ import annotations
 
+import base64
 import sys
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from producer.errors import InvalidInput
+from producer.errors import FeatureCountMismatch, InvalidInput, TooManyRows
 
 TASK_PREDICT = "inference.predict"
 TASK_PREDICT_BATCH = "inference.predict_batch"
@@ -48,7 +52,7 @@ HEADER_ENQUEUED_AT = "enqueued_at"
 # Redis keys, all in the result-backend database.
 HEALTH_REPORT_KEY = "inference:health:report"
 WORKER_STATE_PREFIX = "inference:worker:"
-MODEL_INFO_KEY = "inference:model:info"
+MODEL_INFO_PREFIX = "inference:model:info:"
 
 # kombu's Redis transport (broker database): each queue is a list of that name; a message
 # delivered and not yet acknowledged is kept in UNACKED_KEY (tag -> [message, exchange,
@@ -64,6 +68,12 @@ RESULT_KEY_PREFIX = "celery-task-meta-"
 
 def result_key(task_id: str) -> str:
     return f"{RESULT_KEY_PREFIX}{task_id}"
+
+
+def model_info_key(queue: str) -> str:
+    """Where the workers of `queue` publish what they serve (ModelInfo): per queue, since
+    workers of different queues may serve other models or limits."""
+    return f"{MODEL_INFO_PREFIX}{queue}"
 
 
 def worker_state_key(hostname: str, pid: int) -> str:
@@ -88,12 +98,90 @@ class PredictRequest(BaseModel):
     features: Row = Field(min_length=1)
 
 
+# -- float32 rows and predictions, compactly --------------------------------------------------
+# `rows_f32` and `predictions_f32` carry float32 values as base64 (standard alphabet, padded)
+# of their little-endian IEEE 754 bytes, row-major: 4 bytes a value, no text to parse. The
+# model runs on float32, so nothing is lost, and neither side does any work per value.
+
+F32 = np.dtype("<f4")
+
+
+def encode_f32(values: ArrayLike) -> str:
+    """base64 of `values` as little-endian float32, row-major."""
+    return base64.b64encode(np.ascontiguousarray(values, dtype=F32).tobytes()).decode("ascii")
+
+
+def f32_size(text: str) -> int | None:
+    """How many bytes the base64 `text` decodes to, from its length alone (None when no
+    base64 has that length): lets a request be measured before it is decoded."""
+    if len(text) % 4:
+        return None
+    return len(text) // 4 * 3 - (2 if text.endswith("==") else 1 if text.endswith("=") else 0)
+
+
+def decode_f32(
+    text: str, n_features: int | None = None, *, name: str = "rows_f32"
+) -> NDArray[np.float32]:
+    """The float32 values of `text` (encode_f32's form): a (rows, n_features) matrix, or flat
+    without `n_features`. InvalidInput, naming the field `name`, when `text` is not base64
+    of whole rows; the length is checked before anything is decoded."""
+    width = 4 * (1 if n_features is None else n_features)
+    size = f32_size(text)
+    if size is None:
+        raise InvalidInput(f"{name}: not base64 (length {len(text)} is not a multiple of 4)")
+    if width <= 0 or size % width:
+        raise InvalidInput(
+            f"{name}: {size} bytes are not whole rows of {width // 4} float32 values "
+            f"({width} bytes a row)"
+        )
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error, or a character outside ASCII
+        raise InvalidInput(f"{name}: not valid base64") from None
+    values = np.frombuffer(raw, dtype=F32).astype(np.float32, copy=False)
+    return values if n_features is None else values.reshape(-1, n_features)
+
+
+def check_f32_shape(rows: int, width: int, n_features: int, max_rows: int) -> None:
+    """check_shape for float32 rows: `rows` rows of `width` values each."""
+    if width != n_features:
+        raise FeatureCountMismatch(
+            f"rows_f32 has {width} features a row; the model expects {n_features}"
+        )
+    if rows > max_rows:
+        raise TooManyRows(f"{rows} rows exceed the maximum of {max_rows} per job")
+
+
 class BatchRequest(BaseModel):
-    """kwargs of `inference.predict_batch`."""
+    """kwargs of `inference.predict_batch`: exactly one of `rows` (lists of JSON numbers) and
+    `rows_f32` (float32, encode_f32's form) with `n_features`, the values in each row."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rows: list[Row] = Field(min_length=1, fail_fast=True)
+    rows: Annotated[list[Row], Field(min_length=1, fail_fast=True)] | None = None
+    rows_f32: Annotated[str, Field(strict=True, min_length=1)] | None = None
+    n_features: Annotated[int, Field(strict=True, ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_encoding(self) -> BatchRequest:
+        if (self.rows is None) == (self.rows_f32 is None):
+            raise ValueError("send exactly one of rows and rows_f32")
+        if (self.rows_f32 is None) != (self.n_features is None):
+            raise ValueError("n_features goes with rows_f32, and rows_f32 needs it")
+        return self
+
+    def matrix(self) -> NDArray[np.float32]:
+        """The rows as a (rows, features) float32 matrix, every value finite. rows_f32 is
+        decoded whole and checked with numpy, never value by value."""
+        if self.rows_f32 is None:
+            return np.asarray(self.rows, dtype=np.float32)
+        assert self.n_features is not None  # the validator pairs them
+        matrix = decode_f32(self.rows_f32, self.n_features)
+        finite = np.isfinite(matrix)
+        if not finite.all():
+            row, column = (int(i) for i in np.argwhere(~finite)[0])
+            raise InvalidInput(f"rows_f32.{row}.{column}: Input should be a finite number")
+        return matrix
 
 
 class Latency(BaseModel):
@@ -122,9 +210,12 @@ class PredictResult(_ResultBase):
 
 
 class BatchResult(_ResultBase):
-    """Result of `inference.predict_batch`: predictions in row order."""
+    """Result of `inference.predict_batch`: predictions in row order, as JSON numbers
+    (`predictions`) for a request that sent `rows`, as float32 (`predictions_f32`,
+    encode_f32's form) for one that sent `rows_f32`; the worker leaves the other out."""
 
-    predictions: list[float]
+    predictions: list[float] | None = None
+    predictions_f32: str | None = None
     rows: int
 
 
@@ -231,9 +322,12 @@ def parse_request(
     if args:
         raise InvalidInput("positional arguments are not accepted; send kwargs only")
     if n_features is not None:
+        limit = sys.maxsize if max_rows is None else max_rows
         rows = _unvalidated_rows(model, kwargs)
         if rows is not None:
-            check_shape(rows, n_features, sys.maxsize if max_rows is None else max_rows)
+            check_shape(rows, n_features, limit)
+        if model is BatchRequest:
+            _check_f32_request(kwargs, n_features, limit)
     try:
         return model.model_validate(kwargs)
     except ValidationError as exc:
@@ -253,14 +347,23 @@ def _unvalidated_rows(model: type[BaseModel], kwargs: dict[str, Any]) -> list[An
     return None
 
 
+def _check_f32_request(kwargs: dict[str, Any], n_features: int, max_rows: int) -> None:
+    """The shape of rows_f32 as sent, from n_features and the text's length: nothing is
+    decoded. Anything that is not a string and an int is left to the schema."""
+    text, width = kwargs.get("rows_f32"), kwargs.get("n_features")
+    if not isinstance(text, str) or isinstance(width, bool) or not isinstance(width, int):
+        return
+    size = f32_size(text)
+    rows = 0 if size is None or width <= 0 else size // (4 * width)
+    check_f32_shape(rows, width, n_features, max_rows)
+
+
 def check_shape(rows: Sequence[Any], n_features: int, max_rows: int) -> None:
     """Check a batch's shape against the loaded model and the configured row limit.
 
     Runs on validated rows (producer) and on rows as they came off the wire (worker):
     a row that is not a list is skipped here, for the schema to refuse.
     """
-    from producer.errors import FeatureCountMismatch, TooManyRows
-
     if len(rows) > max_rows:
         raise TooManyRows(f"{len(rows)} rows exceed the maximum of {max_rows} per job")
     for i, row in enumerate(rows):

@@ -1,5 +1,5 @@
-"""The single-row lane: each worker process takes single-row jobs off <queue>.rows in
-batches and predicts each batch with one onnxruntime call.
+"""The row lane: each worker process takes jobs off <queue>.rows many at a time, predicts
+the single-row ones together with one onnxruntime call and each batch job on its own.
 
 Celery spends about a millisecond of CPU on every message (receive, a Request, the pool
 hand-off, an acknowledgement, a result write, each its own Redis round trip), while one
@@ -8,6 +8,12 @@ row costs the model ~20 us. Here a thread in the process that holds the model ta
 result and acknowledgement in one pipeline. Each job stays its own Celery task: same task
 name, same message, its own result under celery-task-meta-<id>, published as Celery's
 backend does, so a producer polls it, or waits with AsyncResult.get(), as before.
+
+Batch jobs (inference.predict_batch) sent here skip Celery's consumer too: the bulk scorer
+sends its chunks here, where a 20,000-row chunk costs no Celery message handling in the
+worker's main process nor its pool hand-off (~7 ms a chunk). They run the same code as on
+Celery's path (worker.service), without Celery's time limits: a job of max_batch_rows rows
+takes well under a second.
 
 Delivery is kombu's, made atomic: a Lua script pops the messages and records them as
 unacknowledged (kombu's own `unacked` hash and `unacked_index`) in one step, so a process
@@ -20,6 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +41,7 @@ from producer.connections import redis_client
 from producer.contract import (
     HEADER_ENQUEUED_AT,
     TASK_PREDICT,
+    TASK_PREDICT_BATCH,
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
     Latency,
@@ -43,51 +51,60 @@ from producer.contract import (
     result_key,
 )
 from producer.envelope import MessageRefused, read_task_message
-from producer.errors import InferenceError, InvalidInput, PredictionFailed
+from producer.errors import InferenceError, InvalidInput, MessageTooLarge, PredictionFailed
+from worker import service
 from worker.messages import body_problem, envelope_problem
 from worker.runtime import Runtime
 from worker.service import queue_wait_ms
 
 log = logging.getLogger(__name__)
 
-# A single-row message is well under a kilobyte. The take script decodes each message in
-# Redis to find its delivery tag; a larger one is not decoded there, nor registered.
-MAX_ROW_MESSAGE_BYTES = 1 << 20
-
 # KEYS: unacked hash, unacked index, then the queue's lists in priority order (kombu keeps
 # a message sent with a priority in a list of its own). ARGV: most messages, now (Unix s),
-# the tail of the unacked record (`,"<exchange>","<routing key>"]`), the largest message
-# decoded. Returns tag, message, tag, message...; the tag is "" for a message it did not
-# register.
+# the tail of the unacked record (`,"<exchange>","<routing key>"]`), a byte budget: once the
+# messages taken reach it, no more are taken (the first one always is).
+# Returns tag, message, tag, message...; the tag is "" for a message without one (not a
+# kombu message), which is served all the same but not recorded as held.
+#
+# The tag is found by text, not by decoding the JSON in Redis: decoding a 20,000-row batch
+# costs Redis milliseconds. A quote inside the body or any JSON string is escaped, so the
+# first `"delivery_tag"` is a key; the producer client writes properties first, so it is
+# found within the first few hundred bytes.
 _TAKE = """
 local want = tonumber(ARGV[1])
-local limit = tonumber(ARGV[4])
+local budget = tonumber(ARGV[4])
+local bytes = 0
 local out = {}
 for k = 3, #KEYS do
-  if want <= 0 then break end
-  local items = redis.call('RPOP', KEYS[k], want)
-  if items then
-    want = want - #items
-    for _, raw in ipairs(items) do
-      local tag = ''
-      if #raw <= limit then
-        local ok, msg = pcall(cjson.decode, raw)
-        if ok and type(msg) == 'table' and type(msg.properties) == 'table' then
-          local t = msg.properties.delivery_tag
-          if type(t) == 'string' and #t > 0 and #t <= 255 then tag = t end
-        end
-      end
-      if tag ~= '' then
-        redis.call('ZADD', KEYS[2], ARGV[2], tag)
-        redis.call('HSET', KEYS[1], tag, '[' .. raw .. ARGV[3])
-      end
-      out[#out + 1] = tag
-      out[#out + 1] = raw
+  while want > 0 and bytes < budget do
+    local raw = redis.call('RPOP', KEYS[k])
+    if not raw then break end
+    want = want - 1
+    bytes = bytes + #raw
+    local tag = ''
+    local at = string.find(raw, '"delivery_tag"', 1, true)
+    if at then
+      tag = string.match(raw, '^"delivery_tag"%s*:%s*"([^"\\\\]+)"', at) or ''
+      if #tag > 255 then tag = '' end
     end
+    if tag ~= '' then
+      redis.call('ZADD', KEYS[2], ARGV[2], tag)
+      redis.call('HSET', KEYS[1], tag, '[' .. raw .. ARGV[3])
+    end
+    out[#out + 1] = tag
+    out[#out + 1] = raw
   end
 end
 return out
 """
+
+# What one take gathers at most, in bytes (the first message is taken whatever its size):
+# room for a full batch of single rows (~600 bytes each), while a bulk chunk of hundreds of
+# kilobytes is taken alone, so the chunks queued spread over all processes' lanes instead
+# of one lane taking them all and the others idling.
+TAKE_MAX_BYTES = 256 * 1024
+
+_ID_IN_HEAD = re.compile(rb'"id"\s*:\s*"([^"\\]{1,255})"')
 
 PRIORITY_SEP = "\x06\x16"
 
@@ -102,6 +119,8 @@ class _Job:
     task_id: str | None
     headers: dict[str, Any]
     features: list[float] | None = None
+    batch: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    """args and kwargs of an inference.predict_batch job."""
     error: InferenceError | None = None
     revoked: bool = False
 
@@ -226,14 +245,15 @@ class RowLane:
     def _take_now(self, most: int) -> list[tuple[str, bytes]]:
         flat = self._take(
             keys=[UNACKED_KEY, UNACKED_INDEX_KEY, *self._lists],
-            args=[most, time.time(), self._record_tail, MAX_ROW_MESSAGE_BYTES],
+            args=[most, time.time(), self._record_tail, TAKE_MAX_BYTES],
         )
         return [(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
 
     def serve(self, taken: list[tuple[str, bytes]]) -> None:
         started_wall, started = time.time(), time.perf_counter()
         jobs = [self._read(tag, raw) for tag, raw in taken]
-        valid = [j for j in jobs if j.error is None and not j.revoked]
+        writes: list[tuple[str, str]] = []
+        valid = [j for j in jobs if j.error is None and not j.revoked and j.batch is None]
         inference_ms = 0.0
         predictions: list[float] = []
         if valid:
@@ -242,7 +262,6 @@ class RowLane:
             inference_ms = (time.perf_counter() - t0) * 1000.0
         task_ms = (time.perf_counter() - started) * 1000.0
         common = self._common()
-        writes: list[tuple[str, str]] = []
         for job, prediction in zip(valid, predictions, strict=True):
             result = PredictResult(
                 prediction=prediction,
@@ -259,19 +278,38 @@ class RowLane:
                 (job.task_id, result_document(job.task_id, "SUCCESS", result.model_dump()))
             )
             self.rt.stats.succeeded(task_ms, 1)
+        # Batch jobs after the single rows, which they would otherwise hold up.
+        for job in jobs:
+            if job.batch is not None and job.error is None and not job.revoked:
+                writes.append(self._serve_batch(job))
         for job in jobs:
             if job.revoked and job.task_id is not None:
                 expired = {"exc_type": "TaskRevokedError", "exc_message": ["expired"]}
                 expired["exc_module"] = "celery.exceptions"
                 writes.append((job.task_id, result_document(job.task_id, "REVOKED", expired)))
             if job.error is not None:
-                self.rt.stats.failed()
+                if job.batch is None:  # service.predict_batch counted its own
+                    self.rt.stats.failed()
                 if job.task_id is not None:
                     doc = result_document(job.task_id, "FAILURE", error_document(job.error))
                     writes.append((job.task_id, doc))
         self._write(writes, [j.tag for j in jobs if j.tag])
         if valid:
             self._on_batch(len(valid))
+
+    def _serve_batch(self, job: _Job) -> tuple[str, str]:
+        assert job.batch is not None and job.task_id is not None
+        args, kwargs = job.batch
+        job.batch = (args, {})  # the rows are not kept beyond their job
+        try:
+            result = service.predict_batch(
+                self.rt, args, kwargs, job.headers.get(HEADER_ENQUEUED_AT), self.hostname
+            )
+        except InferenceError as exc:
+            job.error = exc.with_traceback(None)
+            job.error.__context__ = None
+            return job.task_id, result_document(job.task_id, "FAILURE", error_document(job.error))
+        return job.task_id, result_document(job.task_id, "SUCCESS", result)
 
     def _predict(self, jobs: list[_Job]) -> tuple[list[_Job], list[float]]:
         """One onnxruntime call for the batch. Should it raise, each job is run alone, so one
@@ -295,21 +333,26 @@ class RowLane:
         # An empty tag: the take script did not register the message (too large for Redis
         # to decode, or not a kombu message): it is served all the same, with nothing to
         # acknowledge, and is lost only if this process dies within the batch.
-        if len(raw) > self.rt.settings.max_message_bytes:
-            log.error(
-                "row lane: dropped a message of %d bytes on %s (max_message_bytes is %d)",
-                len(raw),
-                self.queue,
-                self.rt.settings.max_message_bytes,
-            )
-            return _Job(tag, None, {}, error=InvalidInput("message too large"))
+        limit = self.rt.settings.max_message_bytes
+        if len(raw) > limit:
+            # Not decoded: the id is looked for in the message's head, where the producer
+            # client writes its headers.
+            found = _ID_IN_HEAD.search(raw[:8192])
+            task_id = found.group(1).decode() if found else None
+            if task_id is None:
+                log.error("row lane: dropped a message of %d bytes on %s", len(raw), self.queue)
+            error = MessageTooLarge(f"message of {len(raw)} bytes exceeds the maximum of {limit}")
+            return _Job(tag, task_id, {}, error=error)
         try:
             message = read_task_message(raw)
         except MessageRefused as exc:
             return self._refused(tag, exc.headers, str(exc))
         problem = envelope_problem(message.headers) or body_problem(message.body)
-        if problem is None and message.task != TASK_PREDICT:
-            problem = f"queue {self.queue} takes {TASK_PREDICT} jobs only, not {message.task!r}"
+        if problem is None and message.task not in (TASK_PREDICT, TASK_PREDICT_BATCH):
+            problem = (
+                f"queue {self.queue} takes {TASK_PREDICT} and {TASK_PREDICT_BATCH} jobs only, "
+                f"not {message.task!r}"
+            )
         if problem is None and message.headers.get("eta") is not None:
             problem = f"a delayed job (eta) is not accepted on {self.queue}"
         if problem is not None:
@@ -319,6 +362,10 @@ class RowLane:
             return _Job(tag, message.task_id, message.headers, revoked=True)
         job = _Job(tag, message.task_id, message.headers)
         args, kwargs, _ = message.body
+        if message.task == TASK_PREDICT_BATCH:
+            # Served on its own, by the same code as Celery's path (worker.service).
+            job.batch = (tuple(args), kwargs)
+            return job
         try:
             request = parse_request(
                 PredictRequest,

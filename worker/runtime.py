@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from producer.connections import redis_client
-from producer.contract import MODEL_INFO_KEY, ModelInfo, WorkerState
+from producer.contract import ModelInfo, WorkerState, model_info_key
 from producer.errors import ModelNotReady
 from worker.model import LoadedModel, load_model
 from worker.settings import WorkerSettings
@@ -66,7 +66,8 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
         feature_names=model.manifest.feature_names,
         max_batch_rows=settings.max_batch_rows,
     )
-    client.set(MODEL_INFO_KEY, info.model_dump_json())
+    for queue in queues:
+        client.set(model_info_key(queue), info.model_dump_json())
     heartbeat = Heartbeat(client, stats, settings.heartbeat_s)
     heartbeat.start()
     _current = Runtime(settings, model, stats, heartbeat)

@@ -12,7 +12,8 @@ import pytest
 
 from producer.bulk import PREDICTION_COLUMN, score_csv
 from producer.client import Client
-from producer.errors import InvalidInput
+from producer.contract import TASK_PREDICT_BATCH, decode_f32, encode_f32
+from producer.errors import FeatureCountMismatch, InvalidInput
 from tests.support import RunningWorker, TrainedModel
 
 pytestmark = pytest.mark.integration
@@ -83,3 +84,52 @@ def test_cli_scores_a_file_without_named_columns(
     np.testing.assert_allclose(
         [float(r[-1]) for r in out[1:]], trained_model.reference(rows), atol=1e-6
     )
+
+
+def test_rows_f32_jobs_answer_in_f32(
+    producer_settings, cpu_worker: RunningWorker, trained_model: TrainedModel
+) -> None:
+    rows = many_rows(trained_model, 1_000).astype(np.float32)
+    with Client(producer_settings) as client:
+        good = client.send(TASK_PREDICT_BATCH, {"rows_f32": encode_f32(rows), "n_features": 5})
+        narrow = client.send(
+            TASK_PREDICT_BATCH, {"rows_f32": encode_f32(rows[:, :4]), "n_features": 4}
+        )
+        result = client.wait(good, timeout=30)
+        with pytest.raises(FeatureCountMismatch, match="rows_f32 has 4 features a row"):
+            client.wait(narrow, timeout=30)
+    assert result["rows"] == 1_000 and "predictions" not in result
+    got = decode_f32(result["predictions_f32"], name="predictions_f32")
+    np.testing.assert_array_equal(got, trained_model.reference(rows).astype(np.float32))
+
+
+def test_a_file_the_fast_path_cannot_take_is_scored_all_the_same(
+    producer_settings, cpu_worker: RunningWorker, trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    """Quoted fields (one with a line break), CRLF line ends, blank lines: the output is
+    the input, byte for byte, with each row's prediction appended."""
+    rows = many_rows(trained_model, 300)
+    names = trained_model.manifest.feature_names
+    lines = [",".join(["id", *names]).encode()]
+    for i, row in enumerate(rows):
+        label = f'"row,{i}"' if i % 50 else f'"row\n{i}"'
+        lines.append(",".join([label, *(repr(float(v)) for v in row)]).encode())
+        if i % 70 == 3:
+            lines.append(b"")
+    src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
+    src.write_bytes(b"\r\n".join(lines) + b"\r\n")
+    with Client(producer_settings) as client:
+        summary = score_csv(client, src, dst, chunk_rows=64, max_in_flight=3, progress=False)
+    assert summary.rows == 300
+    out = dst.read_bytes().split(b"\r\n")
+    assert out[0] == lines[0] + b",prediction"
+    predictions = []
+    for original, written in zip(lines[1:], out[1:], strict=False):
+        if not original:
+            assert written == b""
+            continue
+        text, _, prediction = written.rpartition(b",")
+        assert text == original
+        predictions.append(float(prediction))
+    assert len(predictions) == 300
+    np.testing.assert_allclose(predictions, trained_model.reference(rows), atol=1e-6)

@@ -102,6 +102,11 @@ def test_a_killed_run_resumes_without_recomputing_finished_chunks(
     assert recollected <= len(unfinished)
     assert "scored 6000 rows in 200 chunks" in second.stderr
     assert_scored(dst, rows, trained_model)
+    # Byte for byte what a run never interrupted writes.
+    clean = tmp_path / "clean.csv"
+    third = run_score(redis_url, score_command(src, clean, chunk_rows=30, in_flight=2))
+    assert third.returncode == 0, third.stderr
+    assert clean.read_bytes() == dst.read_bytes()
 
 
 class Died(BaseException):

@@ -13,7 +13,7 @@ from celery import Celery
 from kombu import Connection
 
 from producer.client import Client, TaskStatus
-from producer.contract import MODEL_INFO_KEY, TASK_PREDICT, TASK_PREDICT_BATCH
+from producer.contract import TASK_PREDICT, TASK_PREDICT_BATCH, model_info_key, row_queue
 from producer.settings import ProducerSettings
 from tests.support import RunningWorker, TrainedModel
 from worker.processes import celery_env, wait_ready, worker_process
@@ -31,8 +31,9 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # surfaces as kombu's DecodeError("SoftTimeLimitExceeded()"): kombu wraps any exception
 # raised while decoding.
 SLOW_ROWS = [[1, 2, 3, 4, 5]] * 200_000
-# ~5 MB of JSON: over MAX_MESSAGE_BYTES (and over max_batch_rows, which is not reached).
-OVERSIZED_ROWS = [[1, 2, 3, 4, 5]] * 300_000
+# ~4.8 MB of compact JSON (12 bytes a row): over MAX_MESSAGE_BYTES (and over max_batch_rows,
+# which is not reached).
+OVERSIZED_ROWS = [[1, 2, 3, 4, 5]] * 400_000
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +55,12 @@ def limits_worker(
     )
     log = tmp_path_factory.mktemp("logs") / "limits-worker.log"
     state = redis.Redis.from_url(redis_url)
-    # Every worker publishes its model info (with its max_batch_rows) under one key, which
-    # producers validate against: put back what the shared test worker published.
-    shared_info = state.get(MODEL_INFO_KEY)
     proc = worker_process(env, log, queue=queue, name=hostname, concurrency=1).start()
     try:
         wait_ready(proc, state, hostname, processes=1)
-        if shared_info is not None:
-            state.set(MODEL_INFO_KEY, shared_info)
         yield RunningWorker(proc, hostname, queue)
     finally:
         proc.stop()
-        if shared_info is not None:
-            state.set(MODEL_INFO_KEY, shared_info)
         state.close()
 
 
@@ -106,6 +100,18 @@ def test_results_expire_after_the_configured_ttl(
     for task_id in (ok, failed, refused):
         ttl = client.redis.ttl(f"celery-task-meta-{task_id}")
         assert 0 < ttl <= RESULT_TTL_S, (task_id, ttl)
+
+
+def test_each_queue_has_the_model_info_of_its_own_workers(
+    client: Client, limits_worker: RunningWorker, cpu_worker: RunningWorker
+) -> None:
+    # The shared worker's limit is not this one's: producers validate against the right one.
+    mine = client.model_info(limits_worker.queue, refresh=True)
+    shared = client.model_info(cpu_worker.queue, refresh=True)
+    assert mine is not None and shared is not None
+    assert mine.max_batch_rows == len(SLOW_ROWS) != shared.max_batch_rows
+    raw = client.redis.get(model_info_key(row_queue(limits_worker.queue)))
+    assert raw is not None  # published for its row queue too
 
 
 def test_a_job_past_the_soft_time_limit_fails_clearly_and_the_worker_goes_on(

@@ -89,7 +89,8 @@ def serve_one_predict(
     trained: TrainedModel,
     tmp_path: Path,
 ) -> tuple[dict[str, object], str]:
-    """Start a worker, send it one predict with the producer Client; (result, worker log)."""
+    """Start a worker, send it one predict (row lane) and one batch (Celery's consumer) with
+    the producer Client; (the predict's result, worker log)."""
     hostname = f"sec-{uuid.uuid4().hex[:6]}@tests"
     proc = worker_process(
         env, tmp_path / "worker.log", queue="inference.cpu", name=hostname, pool="solo"
@@ -98,6 +99,9 @@ def serve_one_predict(
         with Client(producer) as client:
             wait_ready(proc, client.redis, hostname, processes=1, timeout_s=30)
             result = client.wait(client.submit(trained.X_test[0].tolist()), timeout=30)
+            # And one through Celery's own consumer (the lane above needs no consumer).
+            batch = client.wait(client.submit_batch(trained.X_test[:2].tolist()), timeout=30)
+            assert batch["rows"] == 2
     finally:
         proc.stop()
     return result, proc.log_tail(100_000)

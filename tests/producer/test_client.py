@@ -8,7 +8,7 @@ import fakeredis
 import pytest
 
 from producer.client import Client, raise_for, resolve_queue, status_from_meta
-from producer.contract import HEALTH_REPORT_KEY, MODEL_INFO_KEY, ModelInfo
+from producer.contract import HEALTH_REPORT_KEY, QUEUE_CPU, ModelInfo, model_info_key
 from producer.errors import FeatureCountMismatch, ModelNotReady, TaskFailed, TooManyRows
 from producer.settings import ProducerSettings
 
@@ -76,12 +76,15 @@ def test_model_info_drives_early_validation(client: Client) -> None:
     info = ModelInfo(
         name="m", version="v", n_features=2, feature_names=["a", "b"], max_batch_rows=2
     )
-    client.redis.set(MODEL_INFO_KEY, info.model_dump_json())
+    client.redis.set(model_info_key(QUEUE_CPU), info.model_dump_json())
     with pytest.raises(FeatureCountMismatch):
         client.validate_rows([[1.0]])  # read as soon as a worker has published it
     client.model_info(refresh=True)
     with pytest.raises(TooManyRows):
         client.validate_rows([[1.0, 2.0]] * 3)
+    # Another queue's workers published nothing: they are not held to these limits.
+    client.validate_rows([[1.0]] * 3, queue="gpu")
+    assert client.model_info("gpu") is None and client.model_info("cpu") == info
 
 
 def test_health_reads_the_stored_report(client: Client) -> None:

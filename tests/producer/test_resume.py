@@ -19,19 +19,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from producer import bulk
-from producer.bulk import (
+from producer import bulk, journal
+from producer.bulk import score_csv
+from producer.cli import build_parser, cmd_score
+from producer.client import TaskError, TaskStatus
+from producer.contract import decode_f32, encode_f32
+from producer.errors import InvalidInput, TaskFailed
+from producer.journal import (
+    JOURNAL_VERSION,
     Journal,
     JournalError,
     decode_predictions,
     encode_predictions,
     journal_path,
     read_journal,
-    score_csv,
 )
-from producer.cli import build_parser, cmd_score
-from producer.client import TaskError, TaskStatus
-from producer.errors import InvalidInput, TaskFailed
 
 ROWS = 50
 CHUNK = 10  # five chunks
@@ -42,7 +44,7 @@ class Crash(BaseException):
 
 
 class FakeClient:
-    """Stands in for Client. Its "worker" predicts a float with all 17 significant digits
+    """Stands in for Client. Its "worker" predicts a float32 with all 9 significant digits
     in use from each row, and keeps results, like the backend, across runs."""
 
     def __init__(self, backend: dict[str, TaskStatus] | None = None) -> None:
@@ -56,7 +58,7 @@ class FakeClient:
         self.run_before_crash = True
         self.fail_first: float | None = None
 
-    def model_info(self) -> None:
+    def model_info(self, queue: str = "cpu") -> None:
         return None
 
     def validate_rows(self, rows: list[list[float]]) -> None:
@@ -64,8 +66,9 @@ class FakeClient:
 
     def send(self, task: str, kwargs: dict[str, Any], queue: str = "cpu") -> str:
         task_id = str(uuid.uuid4())
-        self.queued[task_id] = kwargs["rows"]
-        self.sent.append(kwargs["rows"][0][0])
+        rows = decode_f32(kwargs["rows_f32"], kwargs["n_features"]).tolist()
+        self.queued[task_id] = rows
+        self.sent.append(rows[0][0])
         return task_id
 
     def _run(self) -> None:
@@ -76,7 +79,7 @@ class FakeClient:
                 self.backend[task_id] = TaskStatus(task_id=task_id, state="FAILURE", error=error)
                 continue
             result = {
-                "predictions": [predict(r) for r in rows],
+                "predictions_f32": encode_f32([predict(r) for r in rows]),
                 "model_name": "m",
                 "model_version": "1",
                 "latency": {"task_ms": 1.0},
@@ -99,7 +102,7 @@ class FakeClient:
 
 
 def predict(row: list[float]) -> float:
-    return math.fsum(row) / 7 + 1e-300  # never a short decimal, sometimes subnormal-adjacent
+    return math.fsum(row) / 7 + 1e-3  # rarely a short decimal
 
 
 def write_input(path: Path, n: int = ROWS) -> None:
@@ -150,28 +153,31 @@ def crash(src: Path, dst: Path, at_wait: int, run_before_crash: bool = True) -> 
 # -- predictions round-trip ----------------------------------------------------------------
 
 
-@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64)))
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32)))
 def test_predictions_round_trip_bit_for_bit(values: list[float]) -> None:
-    array = np.array(values, dtype=np.float64)
+    array = np.array(values, dtype=np.float32)
     back = decode_predictions(json.loads(json.dumps(encode_predictions(array))))
-    assert back.view(np.uint64).tolist() == array.view(np.uint64).tolist()
-    assert [repr(v) for v in back.tolist()] == [repr(v) for v in values]
+    assert back.view(np.uint32).tolist() == array.view(np.uint32).tolist()
 
 
 def test_awkward_floats_round_trip() -> None:
-    tricky = [0.1, 1 / 3, -0.0, 5e-324, 2.2250738585072014e-308, 1.7976931348623157e308]
-    tricky.append(struct.unpack("<d", struct.pack("<Q", 0x3FF0000000000001))[0])
-    assert decode_predictions(encode_predictions(np.array(tricky))).tolist() == tricky
+    tricky = [0.1, 1 / 3, -0.0, 1e-45, 1.1754944e-38, 3.4028235e38]
+    tricky.append(struct.unpack("<f", struct.pack("<I", 0x3F800001))[0])
+    array = np.array(tricky, dtype=np.float32)
+    assert decode_predictions(encode_predictions(array)).tolist() == array.tolist()
     assert math.copysign(1, decode_predictions(encode_predictions(np.array([-0.0])))[0]) == -1
 
 
 # -- reading the journal -------------------------------------------------------------------
 
 
+HEAD = b'{"journal":%d}\n' % JOURNAL_VERSION
+
+
 def test_a_torn_last_line_is_ignored() -> None:
-    head = b'{"journal":1}\n{"sent":0,"digest":"d","task_id":"t"}\n'
+    head = HEAD + b'{"sent":0,"digest":"d","task_id":"t"}\n'
     header, state, intact = read_journal(io.BytesIO(head + b'{"done":0,"digest":"d","predi'))
-    assert header == {"journal": 1}
+    assert header == {"journal": JOURNAL_VERSION}
     assert (state.done, state.sent[0].task_ids, intact) == ({}, ["t"], len(head))
     # A whole record whose newline never made it is torn too: its chunk is simply redone.
     torn = head + b'{"done":0,"digest":"d","rows":0,"model":"m","predictions":""}'
@@ -182,9 +188,26 @@ def test_a_torn_last_line_is_ignored() -> None:
 
 def test_damage_before_the_last_line_is_refused() -> None:
     with pytest.raises(JournalError, match=r"line 2 .*--restart"):
-        read_journal(io.BytesIO(b'{"journal":1}\n{"sent":0,\n{"sent":1}\n'))
+        read_journal(io.BytesIO(HEAD + b'{"sent":0,\n{"sent":1}\n'))
     with pytest.raises(JournalError, match=r"line 2 .*damaged"):
-        read_journal(io.BytesIO(b'{"journal":1}\n{"done":0,"digest":"d","rows":2}\n'))
+        read_journal(io.BytesIO(HEAD + b'{"done":0,"digest":"d","rows":2}\n'))
+    with pytest.raises(JournalError, match=r"line 2 .*damaged"):  # not whole float32s
+        read_journal(io.BytesIO(HEAD + b'{"done":0,"digest":"d","rows":1,"predictions":"AAA="}\n'))
+
+
+def test_a_journal_of_another_version_is_refused(files: tuple[Path, Path]) -> None:
+    src, dst = files
+    crash(src, dst, at_wait=2)
+    path = journal_path(dst)
+    lines = path.read_bytes().splitlines(keepends=True)
+    old = json.loads(lines[0])
+    old["journal"] = 1
+    path.write_bytes(json.dumps(old).encode() + b"\n" + b"".join(lines[1:]))
+    with pytest.raises(JournalError, match=r"format 1, written by another version.*--restart"):
+        score(FakeClient(), src, dst)
+    assert not dst.exists() and path.exists()
+    summary = score(FakeClient(), src, dst, restart=True)
+    assert (summary.resumed, summary.sent) == (0, 5)
 
 
 def test_a_rerun_after_a_torn_write_resumes_and_truncates_it(
@@ -295,7 +318,7 @@ def test_another_job_is_refused_without_restart(files: tuple[Path, Path]) -> Non
 def test_an_edit_the_fingerprint_misses_is_caught_by_the_chunk_digests(
     files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bulk, "SAMPLE_BYTES", 16)  # head and tail only: line 3 is unsampled
+    monkeypatch.setattr(journal, "SAMPLE_BYTES", 16)  # head and tail only: line 3 is unsampled
     src, dst = files
     crash(src, dst, at_wait=2)
     data = src.read_bytes()
@@ -365,3 +388,91 @@ def test_the_cli_keeps_the_journal_when_interrupted(
     assert "the same command resumes" in capsys.readouterr().err
     assert journal_path(dst).exists() and not dst.exists()
     assert not list(dst.parent.glob(".*part"))
+
+
+# -- files the fast path cannot take, and the output's form --------------------------------
+
+
+def write_messy_input(path: Path) -> bytes:
+    """CRLF line ends, a quoted field with a line break, quotes, blank lines, and no line end
+    after the last row: the exact path for some chunks, the fast one for others."""
+    lines = [b"id,a,b"]
+    for i in range(ROWS):
+        label = b'"r\n%d"' % i if i == 13 else b'"r,%d"' % i if i in (31, 32) else b"r%d" % i
+        lines.append(b"%s,%d,%r" % (label, i * 10, i / 3))
+        if i in (4, 27):
+            lines.append(b"")
+    data = b"\r\n".join(lines)
+    path.write_bytes(data)
+    return data
+
+
+def test_a_messy_file_is_written_back_byte_for_byte_with_its_predictions(
+    tmp_path: Path,
+) -> None:
+    src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
+    data = write_messy_input(src)
+    summary = score(FakeClient(), src, dst)
+    assert summary.rows == ROWS
+    out = dst.read_bytes()
+    assert out.endswith(b"\n") and not data.endswith(b"\n")
+    got = out[:-1].split(b"\r\n")
+    want = data.split(b"\r\n")
+    assert got[0] == want[0] + b",prediction"
+    predicted = [line for line in got[1:] if line]
+    assert [p.rpartition(b",")[0] for p in predicted] == [w for w in want[1:] if w]
+    expected = [np.float32(predict([i * 10, np.float32(i / 3)])) for i in range(ROWS)]
+    assert [np.float32(p.rpartition(b",")[2].decode()) for p in predicted] == expected
+    assert got.count(b"") == want.count(b"") == 2  # blank lines stay
+
+
+def test_a_messy_file_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    clean_src, clean = tmp_path / "clean-in.csv", tmp_path / "clean.csv"
+    write_messy_input(clean_src)
+    score(FakeClient(), clean_src, clean)
+    src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
+    write_messy_input(src)
+    first = crash(src, dst, at_wait=2)
+    done, sent = journal_state(dst)
+    assert done and sent
+    summary = score(FakeClient(first.backend), src, dst)
+    assert summary.resumed == len(done) and summary.recollected == len(sent)
+    assert dst.read_bytes() == clean.read_bytes()
+
+
+def test_a_file_with_a_header_only(tmp_path: Path) -> None:
+    src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
+    src.write_bytes(b"id,a,b\n")
+    summary = score(FakeClient(), src, dst)
+    assert (summary.rows, summary.chunks) == (0, 0)
+    assert dst.read_bytes() == b"id,a,b,prediction\n"
+
+
+def test_progress_is_shown_in_bytes(
+    files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, dst = files
+    score_csv(FakeClient(), src, dst, features=["a", "b"], progress=True)
+    err = capsys.readouterr().err
+    assert "in.csv: 100%" in err and "B/s" in err
+
+
+def test_results_in_json_numbers_are_taken_too(files: tuple[Path, Path]) -> None:
+    """A worker from before rows_f32 answers `predictions`; float32 values all the same."""
+    src, dst = files
+    client = FakeClient()
+    run = client._run
+
+    def as_json_numbers() -> None:
+        run()
+        for status in client.backend.values():
+            result = status.result
+            if result is not None and "predictions_f32" in result:
+                values = decode_f32(result.pop("predictions_f32"))
+                result["predictions"] = values.astype(np.float64).tolist()
+
+    client._run = as_json_numbers  # type: ignore[method-assign]
+    score(client, src, dst)
+    reference = dst.with_name("reference.csv")
+    score(FakeClient(), src, reference)
+    assert dst.read_bytes() == reference.read_bytes()

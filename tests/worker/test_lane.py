@@ -19,12 +19,16 @@ from celery import Celery
 from kombu import Connection
 
 from producer.contract import (
+    TASK_NOOP,
     TASK_PREDICT,
     TASK_PREDICT_BATCH,
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
+    BatchResult,
     PredictResult,
     WorkerState,
+    decode_f32,
+    encode_f32,
     result_key,
 )
 from producer.envelope import read_task_message, task_message
@@ -137,7 +141,8 @@ def test_a_batch_serves_good_jobs_and_fails_bad_ones_each_with_its_own_result(
     good = [push(client, {"features": r.tolist()}) for r in rows]
     short = push(client, {"features": [0.1, 0.2]})
     nan = push(client, {"features": [0.1, float("nan"), 0.3, 0.4, 0.5]})
-    other = push(client, {"rows": [FIVE]}, task=TASK_PREDICT_BATCH)
+    batch = push(client, {"rows": rows[:3].tolist()}, task=TASK_PREDICT_BATCH)
+    other = push(client, {}, task=TASK_NOOP)
     client.lpush(QUEUE, "not json at all")
     lane.serve(lane.take())
 
@@ -151,12 +156,16 @@ def test_a_batch_serves_good_jobs_and_fails_bad_ones_each_with_its_own_result(
         assert 0 < client.ttl(result_key(task_id)) <= lane.result_ttl
     assert meta(client, short)["result"]["exc_type"] == "FeatureCountMismatch"  # type: ignore[index]
     assert meta(client, nan)["result"]["exc_type"] == "InvalidInput"  # type: ignore[index]
-    assert "inference.predict jobs only" in str(meta(client, other)["result"])
+    assert "inference.predict_batch jobs only" in str(meta(client, other)["result"])
+    # A batch job on the lane is served on its own, by the same code as Celery's path.
+    served = BatchResult.model_validate(meta(client, batch)["result"])
+    assert served.rows == 3 and served.predictions is not None
+    np.testing.assert_allclose(served.predictions, trained_model.reference(rows[:3]), atol=1e-6)
     # Everything was acknowledged, the bad ones included; nothing is left behind.
     assert client.hlen(UNACKED_KEY) == 0 and client.zcard(UNACKED_INDEX_KEY) == 0
     assert client.llen(QUEUE) == 0
     snap = lane.rt.stats.snapshot()
-    assert (snap.jobs_done, snap.jobs_failed) == (6, 4)
+    assert (snap.jobs_done, snap.jobs_failed) == (7, 4)
     assert snap.batch_sizes == {"4-7": 1}
     lane.stop()
     client.close()
@@ -274,6 +283,49 @@ def test_a_job_the_model_fails_on_fails_alone(
     assert failed["status"] == "FAILURE"
     assert failed["result"]["exc_type"] == "PredictionFailed"  # type: ignore[index]
     assert "bad node" in str(failed["result"])
+    assert client.hlen(UNACKED_KEY) == 0
+    lane.stop()
+    client.close()
+
+
+def test_a_large_float32_batch_is_held_by_its_tag_and_served_in_kind(
+    lane_url: str, trained_model: TrainedModel
+) -> None:
+    client = redis.Redis.from_url(lane_url)
+    lane = make_lane(lane_url, trained_model, max_batch_rows=200_000)
+    rows = np.tile(trained_model.X_test, (200_000 // len(trained_model.X_test) + 1, 1))[:200_000]
+    kwargs = {"rows_f32": encode_f32(rows), "n_features": rows.shape[1]}
+    task_id = push(client, kwargs, task=TASK_PREDICT_BATCH)
+    (taken,) = lane.take()
+    assert len(taken[1]) > 4_000_000  # megabytes: the tag is found without decoding them
+    assert taken[0] and client.hexists(UNACKED_KEY, taken[0])
+    lane.serve([taken])
+    result = BatchResult.model_validate(meta(client, task_id)["result"])
+    assert result.rows == len(rows) and result.predictions is None
+    assert result.predictions_f32 is not None
+    got = decode_f32(result.predictions_f32)
+    np.testing.assert_allclose(got, trained_model.reference(rows), atol=1e-5)
+    assert client.hlen(UNACKED_KEY) == 0
+    lane.stop()
+    client.close()
+
+
+def test_an_oversized_message_fails_with_message_too_large_undecoded(
+    lane_url: str, trained_model: TrainedModel
+) -> None:
+    client = redis.Redis.from_url(lane_url)
+    lane = make_lane(lane_url, trained_model, max_message_bytes=64 * 1024)
+    task_id = push(client, {"rows": [FIVE] * 20_000}, task=TASK_PREDICT_BATCH)
+    small = push(client, {"features": FIVE})
+    # The large one fills a take's byte budget on its own: the small one comes next time.
+    first = lane.take()
+    assert len(first) == 1
+    lane.serve(first)
+    lane.serve(lane.take())
+    failed = meta(client, task_id)
+    assert failed["status"] == "FAILURE"
+    assert failed["result"]["exc_type"] == "MessageTooLarge"  # type: ignore[index]
+    assert meta(client, small)["status"] == "SUCCESS"
     assert client.hlen(UNACKED_KEY) == 0
     lane.stop()
     client.close()

@@ -9,7 +9,7 @@ import fakeredis
 import numpy as np
 import pytest
 
-from producer.contract import BatchResult, PredictResult, WorkerState
+from producer.contract import BatchResult, PredictResult, WorkerState, decode_f32, encode_f32
 from producer.errors import FeatureCountMismatch, InvalidInput, TooManyRows
 from tests.support import TrainedModel
 from worker import service
@@ -77,6 +77,55 @@ def test_failures_are_counted(
     rt: Runtime, kwargs: dict[str, object], error: type[Exception]
 ) -> None:
     with pytest.raises(error):
+        service.predict_batch(rt, (), kwargs, None, "h")
+    snap = rt.stats.snapshot()
+    assert (snap.jobs_done, snap.jobs_failed) == (0, 1)
+
+
+def f32(rows: np.ndarray | list[list[float]], n_features: int | None = None) -> dict[str, object]:
+    matrix = np.asarray(rows, dtype=np.float32)
+    return {"rows_f32": encode_f32(matrix), "n_features": n_features or matrix.shape[1]}
+
+
+def test_predict_batch_f32_answers_in_f32(rt: Runtime, trained_model: TrainedModel) -> None:
+    rows = trained_model.X_test[:10]
+    raw = service.predict_batch(rt, (), f32(rows), None, "h")
+    assert "predictions" not in raw
+    result = BatchResult.model_validate(raw)
+    assert result.rows == 10 and result.predictions is None and result.predictions_f32
+    got = decode_f32(result.predictions_f32, name="predictions_f32")
+    # The very float32 values the JSON path gives, and the model's.
+    by_list = service.predict_batch(rt, (), {"rows": rows.tolist()}, None, "h")
+    assert "predictions_f32" not in by_list
+    assert got.tolist() == np.float32(by_list["predictions"]).tolist()
+    np.testing.assert_array_equal(got, trained_model.reference(rows).astype(np.float32))
+    snap = rt.stats.snapshot()
+    assert (snap.jobs_done, snap.rows_done) == (2, 20)
+
+
+FIVE = [0.1, 0.2, 0.3, 0.4, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "text"),
+    [
+        ({**f32([FIVE]), "rows": [FIVE]}, InvalidInput, "exactly one of rows and rows_f32"),
+        ({"n_features": 5}, InvalidInput, "exactly one of rows and rows_f32"),
+        ({"rows_f32": encode_f32([FIVE])}, InvalidInput, "n_features goes with rows_f32"),
+        ({"rows_f32": "AAAA!AAA", "n_features": 1}, FeatureCountMismatch, "expects 5"),
+        ({"rows_f32": "!" + encode_f32([FIVE])[1:], "n_features": 5}, InvalidInput, "not valid"),
+        ({"rows_f32": "AAAAA", "n_features": 5}, InvalidInput, "not base64"),
+        ({"rows_f32": encode_f32([1.0] * 6), "n_features": 5}, InvalidInput, "24 bytes are not"),
+        (f32([FIVE, [*FIVE[:4], math.nan]]), InvalidInput, r"rows_f32\.1\.4: .*finite"),
+        (f32([[math.inf, *FIVE[1:]]]), InvalidInput, r"rows_f32\.0\.0: .*finite"),
+        (f32([[1.0] * 4]), FeatureCountMismatch, "rows_f32 has 4 features a row"),
+        (f32([FIVE] * 11), TooManyRows, "11 rows exceed the maximum of 10"),
+    ],
+)
+def test_predict_batch_f32_refusals(
+    rt: Runtime, kwargs: dict[str, object], error: type[Exception], text: str
+) -> None:
+    with pytest.raises(error, match=text):
         service.predict_batch(rt, (), kwargs, None, "h")
     snap = rt.stats.snapshot()
     assert (snap.jobs_done, snap.jobs_failed) == (0, 1)
