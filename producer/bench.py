@@ -648,8 +648,12 @@ def ensure_model(model_dir: Path, name: str, say: Callable[[str], None]) -> floa
             f"cannot train a model: {exc} (pip install '.[training]', or pass --model-dir "
             "with a trained model)"
         ) from None
+    from training.bench import record_goals
+
     start = time.perf_counter()
-    run_training(TrainConfig(model_dir=model_dir, name=name))
+    config = TrainConfig(model_dir=model_dir, name=name)
+    # With its model goals (P4), as `python -m training` does.
+    record_goals(config, run_training(config), out=say)
     return time.perf_counter() - start
 
 

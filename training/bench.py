@@ -185,6 +185,32 @@ def write_summary(
     return summary
 
 
+def record_goals(
+    config: TrainConfig, outcome: TrainOutcome, out: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Time the published model against scikit-learn, fit the unlimited forest for reference
+    (when the config limits it), print the model goals and write them beside the manifest."""
+    results = run_benchmark(
+        outcome.version_dir, outcome.manifest, outcome.pipeline, outcome.X_test, out
+    )
+    reference = None
+    if config.max_depth is not None or config.min_samples_leaf > 1:
+        reference = unpruned_r2(config, outcome)
+    summary = write_summary(outcome.version_dir, outcome.manifest, results, reference)
+    loss = summary["r2_loss"]
+    out(
+        f"model goals: onnxruntime {summary['one_row_speedup']:.0f}x scikit-learn per row "
+        f"(goal >= 50); model.onnx {summary['artifact_bytes'] / 1e6:.2f} MB (goal <= 5); "
+        + (
+            f"R2 {summary['r2']:.4f} vs unpruned {summary['unpruned_r2']:.4f}, "
+            f"loss {loss:.4f} (goal <= 0.01)"
+            if loss is not None
+            else "unpruned already (no R2 loss)"
+        )
+    )
+    return summary
+
+
 def _seconds(predict: Predict, X: NDArray[np.float64]) -> float:
     start = time.perf_counter()
     predict(X)

@@ -173,25 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"max |ONNX - sklearn| {diff:.2g}, sha256 {entry.sha256[:12]}"
         )
     if not args.no_benchmark:
-        from training.bench import run_benchmark, unpruned_r2, write_summary
+        from training.bench import record_goals
 
-        results = run_benchmark(outcome.version_dir, manifest, outcome.pipeline, outcome.X_test)
-        reference = None
-        if config.max_depth is not None or config.min_samples_leaf > 1:
-            reference = unpruned_r2(config, outcome)
-        summary = write_summary(outcome.version_dir, manifest, results, reference)
-        size_mb = summary["artifact_bytes"] / 1e6
-        loss = summary["r2_loss"]
-        print(
-            f"model goals: onnxruntime {summary['one_row_speedup']:.0f}x scikit-learn per row "
-            f"(goal >= 50); model.onnx {size_mb:.2f} MB (goal <= 5); "
-            + (
-                f"R2 {summary['r2']:.4f} vs unpruned {summary['unpruned_r2']:.4f}, "
-                f"loss {loss:.4f} (goal <= 0.01)"
-                if loss is not None
-                else "unpruned already (no R2 loss)"
-            )
-        )
+        record_goals(config, outcome)
     return 0
 
 

@@ -53,13 +53,17 @@ def ensure_model(model_dir: Path, name: str) -> None:
         say(f"serving the existing model under {model_dir}/{name}")
         return
     say(f"no model under {model_dir}/{name}: training one (python -m training)")
+    from training.bench import record_goals
     from training.train import TrainConfig, run_training
 
-    outcome = run_training(TrainConfig(model_dir=model_dir, name=name), log=print)
+    config = TrainConfig(model_dir=model_dir, name=name)
+    outcome = run_training(config, log=print)
     m = outcome.manifest
     print(
         f"trained {m.name}/{m.version}: R2={m.metrics.get('r2'):.4f} MAE={m.metrics.get('mae'):.4f}"
     )
+    # The model goals beside the manifest, as `python -m training` writes them (P4 of the bench).
+    record_goals(config, outcome)
 
 
 def write_sample_csv(path: Path, rows: int, n_features: int, names: list[str]) -> np.ndarray:
@@ -127,7 +131,7 @@ def demo_jobs(
         info = client.model_info(refresh=True)
         assert info is not None, "the worker published no model info"
 
-        say(f"single-row jobs on inference.cpu (model {info.name}/{info.version})")
+        say(f"single-row jobs on inference.cpu.rows (model {info.name}/{info.version})")
         rng = np.random.default_rng(0)
         for row in rng.uniform(0, 1, size=(5, info.n_features)).round(3):
             task_id = client.submit(row.tolist())
