@@ -23,7 +23,6 @@ back to the queue after the visibility timeout, as it does for its own.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import re
@@ -35,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import redis
-from celery.utils.time import maybe_iso8601
 
 from producer.connections import redis_client
 from producer.contract import (
@@ -54,6 +52,7 @@ from producer.envelope import MessageRefused, read_task_message
 from producer.errors import InferenceError, InvalidInput, MessageTooLarge, PredictionFailed
 from worker import service
 from worker.messages import body_problem, envelope_problem
+from worker.results import REVOKED, error_document, expired, result_document
 from worker.runtime import Runtime
 from worker.service import queue_wait_ms
 
@@ -123,32 +122,6 @@ class _Job:
     """args and kwargs of an inference.predict_batch job."""
     error: InferenceError | None = None
     revoked: bool = False
-
-
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat()
-
-
-def result_document(task_id: str, state: str, result: Any) -> str:
-    """What Celery's Redis backend stores for a finished task."""
-    meta = {
-        "status": state,
-        "result": result,
-        "traceback": None,
-        "children": [],
-        "date_done": _utc_now(),
-        "task_id": task_id,
-    }
-    return json.dumps(meta, separators=(",", ":"))
-
-
-def error_document(exc: BaseException) -> dict[str, Any]:
-    """An exception as Celery's backend serializes it for a JSON result."""
-    return {
-        "exc_type": type(exc).__name__,
-        "exc_message": list(exc.args),
-        "exc_module": type(exc).__module__,
-    }
 
 
 class RowLane:
@@ -284,9 +257,7 @@ class RowLane:
                 writes.append(self._serve_batch(job))
         for job in jobs:
             if job.revoked and job.task_id is not None:
-                expired = {"exc_type": "TaskRevokedError", "exc_message": ["expired"]}
-                expired["exc_module"] = "celery.exceptions"
-                writes.append((job.task_id, result_document(job.task_id, "REVOKED", expired)))
+                writes.append((job.task_id, result_document(job.task_id, "REVOKED", REVOKED)))
             if job.error is not None:
                 if job.batch is None:  # service.predict_batch counted its own
                     self.rt.stats.failed()
@@ -357,7 +328,7 @@ class RowLane:
             problem = f"a delayed job (eta) is not accepted on {self.queue}"
         if problem is not None:
             return self._refused(tag, message.headers, problem)
-        if _expired(message.headers.get("expires")):
+        if expired(message.headers.get("expires")):
             # As Celery does: the job is not run, and its state says why.
             return _Job(tag, message.task_id, message.headers, revoked=True)
         job = _Job(tag, message.task_id, message.headers)
@@ -425,17 +396,6 @@ class RowLane:
                     raise
                 log.warning("row lane: could not write results yet: %s", exc)
                 time.sleep(0.5)
-
-
-def _expired(expires: Any) -> bool:
-    """Whether an `expires` header (ISO 8601, checked by envelope_problem) has passed; a time
-    without a zone is taken as UTC, as Celery's own clients send UTC."""
-    when = maybe_iso8601(expires) if expires is not None else None
-    if when is None:
-        return False
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when < datetime.datetime.now(datetime.UTC)
 
 
 def _text(value: bytes | str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer import bench
+from producer import bench, bench_jobs, bench_local
 from producer.bench_report import RATIOS, compute_goals, compute_ratios, format_report, lookup
 from producer.client import Client
 from producer.settings import ProducerSettings
@@ -94,8 +94,8 @@ def test_every_row_comes_back_and_matches_the_model(report: dict[str, Any]) -> N
     assert bulk["rows_in"] == bulk["rows_out"] == bulk["rows_scored"] == 6_000
     assert bulk["chunks"] == math.ceil(6_000 / 700)
     spot = bulk["spot_check"]
-    assert spot["rows"] == bench.SPOT_CHECK_ROWS
-    assert spot["passed"] is True and spot["max_abs_diff"] <= bench.SPOT_CHECK_ATOL
+    assert spot["rows"] == bench_local.SPOT_CHECK_ROWS
+    assert spot["passed"] is True and spot["max_abs_diff"] <= bench_local.SPOT_CHECK_ATOL
     batch = report["batch"]
     assert batch["rows_back"] == batch["rows_sent"] == 2 * batch["jobs"] * batch["rows_per_job"]
     assert report["checks"]["passed"], report["checks"]
@@ -103,11 +103,15 @@ def test_every_row_comes_back_and_matches_the_model(report: dict[str, Any]) -> N
 
 def test_the_reference_is_the_served_model(trained_model: TrainedModel) -> None:
     manifest = trained_model.manifest
-    local, reason = bench.find_local_model(trained_model.model_dir, manifest.name, manifest.version)
+    local, reason = bench_local.find_local_model(
+        trained_model.model_dir, manifest.name, manifest.version
+    )
     assert local is not None, reason
     rows = trained_model.X_test[:50]
     np.testing.assert_array_equal(local.predictor(1)(rows), trained_model.reference(rows))
-    missing, reason = bench.find_local_model(trained_model.model_dir, manifest.name, "no-such")
+    missing, reason = bench_local.find_local_model(
+        trained_model.model_dir, manifest.name, "no-such"
+    )
     assert missing is None and reason and "no-such" in reason
 
 
@@ -173,7 +177,7 @@ def test_p2_compares_the_row_lane_with_plain_celery_side_by_side(report: dict[st
 def test_an_unknown_task_is_reported_not_waited_for(
     producer_settings: ProducerSettings, cpu_worker: RunningWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bench, "TASK_NOOP", "inference.bench-test-never-registered")
+    monkeypatch.setattr(bench_jobs, "TASK_NOOP", "inference.bench-test-never-registered")
     with Client(producer_settings) as client:
         reason = bench.probe_noop(client, cpu_worker.queue, timeout_s=5)
     assert reason is not None and "inference.bench-test-never-registered" in reason

@@ -1,0 +1,81 @@
+"""The benchmark's settings (full and --quick sizes) and its latency summary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FULL = {
+    "single_jobs": 300,
+    "sustained_jobs": 3_000,
+    "window": 256,
+    "batch_jobs": 20,
+    "batch_rows": 5_000,
+    "bulk_rows": 1_000_000,
+    "inprocess_rows": 65_536,
+}
+
+
+QUICK = {
+    "single_jobs": 30,
+    "sustained_jobs": 300,
+    "window": 32,
+    "batch_jobs": 10,
+    "batch_rows": 1_000,
+    "bulk_rows": 20_000,
+    "inprocess_rows": 8_192,
+}
+
+
+class BenchError(RuntimeError):
+    """The bench cannot run here: no workers, no model info, a worker that will not start."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    embedded: bool = False
+    model_dir: Path | None = None
+    """Where the served model's files are (for the in-process reference; with --embedded,
+    also where a model is trained if there is none)."""
+    model_name: str = "friedman1"
+    queue: str = "cpu"
+    processes: int | None = None
+    """Worker processes with --embedded; None: one per core."""
+    single_jobs: int = FULL["single_jobs"]
+    sustained_jobs: int = FULL["sustained_jobs"]
+    window: int = FULL["window"]
+    batch_jobs: int = FULL["batch_jobs"]
+    batch_rows: int = FULL["batch_rows"]
+    bulk_rows: int = FULL["bulk_rows"]
+    chunk_rows: int | None = None
+    """Rows per bulk chunk; None: the producer's setting (INFERENCE_CHUNK_ROWS)."""
+    in_flight: int | None = None
+    """Chunks (bulk) and batch jobs in flight; None: INFERENCE_MAX_IN_FLIGHT."""
+    inprocess_rows: int = FULL["inprocess_rows"]
+    json_out: Path = Path("out/bench.json")
+    work_dir: Path | None = None
+    """Worker log and the bulk files; None: a temporary directory (log beside the JSON)."""
+    seed: int = 0
+    noop_probe_s: float = 5.0
+    worker_loglevel: str = "INFO"
+    quick: bool = False
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, Any]:
+    """Percentiles in ms; numpy's linear interpolation keeps p50 <= p95 <= p99."""
+    if not seconds:
+        return {"count": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None}
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return {
+        "count": len(ms),
+        "p50_ms": float(p50),
+        "p95_ms": float(p95),
+        "p99_ms": float(p99),
+        "mean_ms": float(ms.mean()),
+        "max_ms": float(ms.max()),
+    }
