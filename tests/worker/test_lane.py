@@ -7,7 +7,7 @@ import datetime
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -53,8 +53,28 @@ def lane_url(redis_url: str) -> Iterator[str]:
     url = urlunsplit(parts._replace(path=f"/{LANE_DB}"))
     client = redis.Redis.from_url(url)
     client.flushdb()
-    client.close()
     yield url
+
+
+@pytest.fixture
+def client(lane_url: str) -> Iterator[redis.Redis]:
+    conn = redis.Redis.from_url(lane_url)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def lanes(lane_url: str, trained_model: TrainedModel) -> Iterator[Callable[..., RowLane]]:
+    """Makes lanes on the test database (settings as keyword arguments); stops them after."""
+    made: list[RowLane] = []
+
+    def make(**settings: object) -> RowLane:
+        made.append(make_lane(lane_url, trained_model, **settings))
+        return made[-1]
+
+    yield make
+    for lane in made:
+        lane.stop()
 
 
 def make_lane(url: str, trained: TrainedModel, **settings: object) -> RowLane:
@@ -93,10 +113,9 @@ def meta(client: redis.Redis, task_id: str) -> dict[str, object]:
 
 
 def test_take_holds_messages_where_kombu_restores_them(
-    lane_url: str, trained_model: TrainedModel
+    client: redis.Redis, lanes: Callable[..., RowLane], lane_url: str, trained_model: TrainedModel
 ) -> None:
-    client = redis.Redis.from_url(lane_url)
-    lane = make_lane(lane_url, trained_model, row_batch_max=3)
+    lane = lanes(row_batch_max=3)
     ids = [push(client, {"features": FIVE}) for _ in range(5)]
     taken = lane.take()
     # Oldest first, at most row_batch_max, and each one held under its delivery tag.
@@ -113,30 +132,24 @@ def test_take_holds_messages_where_kombu_restores_them(
     assert client.hlen(UNACKED_KEY) == 0
     back = [read_task_message(m) for m in client.lrange(QUEUE, 0, -1)]
     assert sorted(m.task_id for m in back) == sorted(ids)
-    lane.stop()
-    client.close()
 
 
 def test_jobs_sent_with_a_priority_are_taken_too_default_priority_first(
-    lane_url: str, trained_model: TrainedModel
+    client: redis.Redis, lanes: Callable[..., RowLane], lane_url: str, trained_model: TrainedModel
 ) -> None:
-    client = redis.Redis.from_url(lane_url)
-    lane = make_lane(lane_url, trained_model)
+    lane = lanes()
     low_id, low = task_message(TASK_PREDICT, {"features": FIVE}, QUEUE)
     # Where kombu's Redis transport puts a message sent with priority 6.
     client.lpush(f"{QUEUE}\x06\x166", low)
     plain = push(client, {"features": FIVE})
     taken = [read_task_message(raw).task_id for _, raw in lane.take()]
     assert taken == [plain, low_id]
-    lane.stop()
-    client.close()
 
 
 def test_a_batch_serves_good_jobs_and_fails_bad_ones_each_with_its_own_result(
-    lane_url: str, trained_model: TrainedModel
+    client: redis.Redis, lanes: Callable[..., RowLane], lane_url: str, trained_model: TrainedModel
 ) -> None:
-    client = redis.Redis.from_url(lane_url)
-    lane = make_lane(lane_url, trained_model)
+    lane = lanes()
     rows = trained_model.X_test[:6]
     good = [push(client, {"features": r.tolist()}) for r in rows]
     short = push(client, {"features": [0.1, 0.2]})
@@ -167,15 +180,12 @@ def test_a_batch_serves_good_jobs_and_fails_bad_ones_each_with_its_own_result(
     snap = lane.rt.stats.snapshot()
     assert (snap.jobs_done, snap.jobs_failed) == (7, 4)
     assert snap.batch_sizes == {"4-7": 1}
-    lane.stop()
-    client.close()
 
 
 def test_celery_reads_the_lanes_results_and_raises_its_errors(
-    lane_url: str, trained_model: TrainedModel
+    client: redis.Redis, lanes: Callable[..., RowLane], lane_url: str, trained_model: TrainedModel
 ) -> None:
-    client = redis.Redis.from_url(lane_url)
-    lane = make_lane(lane_url, trained_model)
+    lane = lanes()
     row = trained_model.X_test[0]
     ok = push(client, {"features": row.tolist()})
     bad = push(client, {"features": [1.0]})
@@ -192,15 +202,12 @@ def test_celery_reads_the_lanes_results_and_raises_its_errors(
         assert issubclass(FeatureCountMismatch, InvalidInput)
     finally:
         app.close()
-        lane.stop()
-        client.close()
 
 
 def test_the_lane_waits_up_to_row_batch_wait_ms_to_fill_a_batch(
-    lane_url: str, trained_model: TrainedModel
+    client: redis.Redis, lanes: Callable[..., RowLane], lane_url: str, trained_model: TrainedModel
 ) -> None:
-    client = redis.Redis.from_url(lane_url)
-    lane = make_lane(lane_url, trained_model, row_batch_wait_ms=1000, row_batch_max=2)
+    lane = lanes(row_batch_wait_ms=1000, row_batch_max=2)
     push(client, {"features": FIVE})
     later = threading.Timer(0.05, lambda: push(client, {"features": FIVE}))
     later.start()
@@ -210,19 +217,15 @@ def test_the_lane_waits_up_to_row_batch_wait_ms_to_fill_a_batch(
     assert len(taken) == 2 and time.monotonic() - started < 0.9
     later.join()
     # Without a wait, a lone job goes at once.
-    quick = make_lane(lane_url, trained_model)
+    quick = lanes()
     push(client, {"features": FIVE})
     assert len(quick.take()) == 1
-    for each in (lane, quick):
-        each.stop()
-    client.close()
 
 
 def test_a_running_lane_serves_until_stopped_and_then_takes_nothing(
-    lane_url: str, trained_model: TrainedModel
+    client: redis.Redis, lanes: Callable[..., RowLane], lane_url: str, trained_model: TrainedModel
 ) -> None:
-    client = redis.Redis.from_url(lane_url)
-    lane = make_lane(lane_url, trained_model)
+    lane = lanes()
     lane.start()
     rows = np.asarray(trained_model.X_test[:50])
     ids = [push(client, {"features": r.tolist()}) for r in rows]
@@ -236,12 +239,12 @@ def test_a_running_lane_serves_until_stopped_and_then_takes_nothing(
     late = push(client, {"features": FIVE})
     time.sleep(0.2)
     assert client.get(result_key(late)) is None and client.llen(QUEUE) == 1
-    client.close()
 
 
-def test_an_expired_job_is_revoked_not_run(lane_url: str, trained_model: TrainedModel) -> None:
-    client = redis.Redis.from_url(lane_url)
-    lane = make_lane(lane_url, trained_model)
+def test_an_expired_job_is_revoked_not_run(
+    client: redis.Redis, lanes: Callable[..., RowLane], lane_url: str, trained_model: TrainedModel
+) -> None:
+    lane = lanes()
     past = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=5)).isoformat()
     future = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)).isoformat()
     expired_id, expired = task_message(
@@ -255,15 +258,16 @@ def test_an_expired_job_is_revoked_not_run(lane_url: str, trained_model: Trained
     assert revoked["result"]["exc_type"] == "TaskRevokedError"  # type: ignore[index]
     assert meta(client, live_id)["status"] == "SUCCESS"
     assert client.hlen(UNACKED_KEY) == 0
-    lane.stop()
-    client.close()
 
 
 def test_a_job_the_model_fails_on_fails_alone(
-    lane_url: str, trained_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+    client: redis.Redis,
+    lanes: Callable[..., RowLane],
+    lane_url: str,
+    trained_model: TrainedModel,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    client = redis.Redis.from_url(lane_url)
-    lane = make_lane(lane_url, trained_model)
+    lane = lanes()
     real = lane.rt.model.predict
     poison = 0.123
 
@@ -284,15 +288,12 @@ def test_a_job_the_model_fails_on_fails_alone(
     assert failed["result"]["exc_type"] == "PredictionFailed"  # type: ignore[index]
     assert "bad node" in str(failed["result"])
     assert client.hlen(UNACKED_KEY) == 0
-    lane.stop()
-    client.close()
 
 
 def test_a_large_float32_batch_is_held_by_its_tag_and_served_in_kind(
-    lane_url: str, trained_model: TrainedModel
+    client: redis.Redis, lanes: Callable[..., RowLane], lane_url: str, trained_model: TrainedModel
 ) -> None:
-    client = redis.Redis.from_url(lane_url)
-    lane = make_lane(lane_url, trained_model, max_batch_rows=200_000)
+    lane = lanes(max_batch_rows=200_000)
     rows = np.tile(trained_model.X_test, (200_000 // len(trained_model.X_test) + 1, 1))[:200_000]
     kwargs = {"rows_f32": encode_f32(rows), "n_features": rows.shape[1]}
     task_id = push(client, kwargs, task=TASK_PREDICT_BATCH)
@@ -306,15 +307,12 @@ def test_a_large_float32_batch_is_held_by_its_tag_and_served_in_kind(
     got = decode_f32(result.predictions_f32)
     np.testing.assert_allclose(got, trained_model.reference(rows), atol=1e-5)
     assert client.hlen(UNACKED_KEY) == 0
-    lane.stop()
-    client.close()
 
 
 def test_an_oversized_message_fails_with_message_too_large_undecoded(
-    lane_url: str, trained_model: TrainedModel
+    client: redis.Redis, lanes: Callable[..., RowLane], lane_url: str, trained_model: TrainedModel
 ) -> None:
-    client = redis.Redis.from_url(lane_url)
-    lane = make_lane(lane_url, trained_model, max_message_bytes=64 * 1024)
+    lane = lanes(max_message_bytes=64 * 1024)
     task_id = push(client, {"rows": [FIVE] * 20_000}, task=TASK_PREDICT_BATCH)
     small = push(client, {"features": FIVE})
     # The large one fills a take's byte budget on its own: the small one comes next time.
@@ -327,5 +325,3 @@ def test_an_oversized_message_fails_with_message_too_large_undecoded(
     assert failed["result"]["exc_type"] == "MessageTooLarge"  # type: ignore[index]
     assert meta(client, small)["status"] == "SUCCESS"
     assert client.hlen(UNACKED_KEY) == 0
-    lane.stop()
-    client.close()
