@@ -27,9 +27,9 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Small integers keep the JSON short: 200,000 rows are ~3.4 MB, under MAX_MESSAGE_BYTES.
 # The limit counts from when the pool process takes the job: it unpickles and decodes the
 # rows (~0.15-0.3 s), then validates and predicts (~0.45-1.2 s on one core, by machine),
-# so SOFT_LIMIT_S falls inside the task. Too low, it falls inside the decoding, which
-# surfaces as kombu's DecodeError("SoftTimeLimitExceeded()"): kombu wraps any exception
-# raised while decoding.
+# so SOFT_LIMIT_S falls inside the task. On a slower machine it may fall inside the
+# decoding, which surfaces as kombu's DecodeError("SoftTimeLimitExceeded()"): kombu wraps any
+# exception raised while decoding. Either way the job fails for its time limit, by name.
 SLOW_ROWS = [[1, 2, 3, 4, 5]] * 200_000
 # ~4.8 MB of compact JSON (12 bytes a row): over MAX_MESSAGE_BYTES (and over max_batch_rows,
 # which is not reached).
@@ -121,7 +121,8 @@ def test_a_job_past_the_soft_time_limit_fails_clearly_and_the_worker_goes_on(
         client, client.send(TASK_PREDICT_BATCH, {"rows": SLOW_ROWS}, limits_worker.queue)
     )
     assert status.state == "FAILURE"
-    assert status.error is not None and status.error.type == "SoftTimeLimitExceeded"
+    assert status.error is not None
+    assert "SoftTimeLimitExceeded" in f"{status.error.type}: {status.error.message}", status
     assert_serves(client, limits_worker, trained_model)
 
 
