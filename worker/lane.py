@@ -49,7 +49,13 @@ from producer.contract import (
     result_key,
 )
 from producer.envelope import MessageRefused, read_task_message
-from producer.errors import InferenceError, InvalidInput, MessageTooLarge, PredictionFailed
+from producer.errors import (
+    InferenceError,
+    InvalidInput,
+    MessageTooLarge,
+    PredictionFailed,
+    TaskFailed,
+)
 from worker import service
 from worker.messages import body_problem, envelope_problem
 from worker.results import REVOKED, error_document, expired, result_document
@@ -175,6 +181,7 @@ class RowLane:
     def _run(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
+            taken: list[tuple[str, bytes]] = []
             try:
                 taken = self.take()
                 if not taken:
@@ -186,11 +193,28 @@ class RowLane:
                 log.warning("row lane: Redis error, retrying in %.1fs: %s", backoff, exc)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-            except Exception:
-                # Never let one bad batch end the lane: its messages stay held and come
-                # back after the visibility timeout.
-                log.exception("row lane: unexpected error")
-                self._stop.wait(1.0)
+            except Exception as exc:
+                # Never let one bad batch end the lane, nor leave its producers waiting.
+                log.exception("row lane: unexpected error serving %d job(s)", len(taken))
+                self.fail_all(taken, exc)
+
+    def fail_all(self, taken: list[tuple[str, bytes]], exc: Exception) -> None:
+        """A FAILURE for every job of a batch the lane could not serve (a bug, not the
+        jobs' fault: TaskFailed), then their acknowledgement. Should even that fail, they
+        stay held, and come back to the queue after the visibility timeout."""
+        error = TaskFailed(f"the worker could not serve this job: {exc!r}")
+        writes = []
+        for _, raw in taken:
+            try:
+                task_id = read_task_message(raw).task_id
+            except MessageRefused:
+                continue
+            if isinstance(task_id, str) and envelope_problem({"id": task_id}) is None:
+                writes.append((task_id, result_document(task_id, "FAILURE", error_document(error))))
+        try:
+            self._write(writes, [tag for tag, _ in taken if tag])
+        except Exception:
+            log.exception("row lane: could not fail the batch either; it stays held")
 
     def _wait_for_work(self) -> None:
         # Blocks until the list has an element, without taking it: a tail-to-tail move of

@@ -325,3 +325,32 @@ def test_an_oversized_message_fails_with_message_too_large_undecoded(
     assert failed["result"]["exc_type"] == "MessageTooLarge"  # type: ignore[index]
     assert meta(client, small)["status"] == "SUCCESS"
     assert client.hlen(UNACKED_KEY) == 0
+
+
+def test_a_batch_the_lane_cannot_serve_fails_its_jobs_instead_of_holding_them(
+    client: redis.Redis, lanes: Callable[..., RowLane], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lane = lanes()
+
+    def broken() -> dict[str, object]:
+        raise RuntimeError("a bug in the lane")
+
+    monkeypatch.setattr(lane, "_common", broken)
+    ids = [push(client, {"features": FIVE}) for _ in range(3)]
+    lane.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and client.exists(*(result_key(t) for t in ids)) < 3:
+        time.sleep(0.01)
+    for task_id in ids:
+        doc = meta(client, task_id)
+        assert doc["status"] == "FAILURE"
+        assert doc["result"]["exc_type"] == "TaskFailed"  # type: ignore[index]
+        assert "a bug in the lane" in str(doc["result"])
+    # Answered and released, not held until the visibility timeout; the lane goes on.
+    assert client.hlen(UNACKED_KEY) == 0
+    monkeypatch.undo()
+    late = push(client, {"features": FIVE})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not client.exists(result_key(late)):
+        time.sleep(0.01)
+    assert meta(client, late)["status"] == "SUCCESS"
