@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 
 from producer.bench_config import latency_summary
 from producer.client import Client, TaskStatus
-from producer.contract import TASK_NOOP, TASK_PREDICT, result_key
+from producer.contract import TASK_NOOP, TASK_PREDICT, batch_bucket, result_key
 from producer.settings import ProducerSettings
 
 WARMUP_JOBS = 10
@@ -177,8 +177,7 @@ def batch_histogram(statuses: Sequence[TaskStatus]) -> dict[str, int]:
             jobs_by_size[size] = jobs_by_size.get(size, 0) + 1
     buckets: dict[str, float] = {}
     for size, jobs in sorted(jobs_by_size.items()):
-        low = 1 << (size.bit_length() - 1)
-        key = "1" if low == 1 else f"{low}-{2 * low - 1}"
+        key = batch_bucket(size)
         buckets[key] = buckets.get(key, 0) + jobs / size
     return {k: round(v) for k, v in buckets.items()}
 

@@ -76,6 +76,18 @@ def model_info_key(queue: str) -> str:
     return f"{MODEL_INFO_PREFIX}{queue}"
 
 
+def batch_bucket(size: int) -> str:
+    """The key of WorkerState.batch_sizes a batch of `size` jobs counts under: power-of-two
+    buckets "1", "2-3", "4-7", "8-15"..."""
+    low = 1 << (max(size, 1).bit_length() - 1)
+    return "1" if low == 1 else f"{low}-{2 * low - 1}"
+
+
+def bucket_low(key: str) -> int:
+    """The smallest batch size of a batch_bucket key, to order buckets by size."""
+    return int(key.split("-")[0])
+
+
 def worker_state_key(hostname: str, pid: int) -> str:
     return f"{WORKER_STATE_PREFIX}{hostname}:{pid}"
 

@@ -17,9 +17,9 @@ from celery import Celery
 
 from producer.embedded_redis import EmbeddedRedis
 from producer.settings import ProducerSettings
-from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel
+from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel, serving
 from training.artifact import load_manifest
-from worker.processes import celery_env, wait_ready, worker_process
+from worker.processes import celery_env, worker_process
 
 
 @pytest.fixture(scope="session")
@@ -62,14 +62,9 @@ def cpu_worker(
         heartbeat_s=0.5,
     )
     log = tmp_path_factory.mktemp("logs") / "cpu-worker.log"
-    proc = worker_process(env, log, queue="inference.cpu", name=hostname, concurrency=2).start()
-    client = redis.Redis.from_url(redis_url)
-    try:
-        wait_ready(proc, client, hostname, processes=2)
-        yield RunningWorker(proc, hostname, "inference.cpu")
-    finally:
-        proc.stop()
-        client.close()
+    proc = worker_process(env, log, queue="inference.cpu", name=hostname, concurrency=2)
+    with serving(proc, redis_url, hostname, "inference.cpu", processes=2) as worker:
+        yield worker
 
 
 @pytest.fixture

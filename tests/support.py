@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import redis
 
 from training.artifact import Manifest
-from worker.processes import CeleryProcess
+from worker.processes import CeleryProcess, wait_ready
 
 TEST_MAX_BATCH_ROWS = 5_000
 """The row limit the shared test worker is started with."""
@@ -42,3 +45,19 @@ class RunningWorker:
     process: CeleryProcess
     hostname: str
     queue: str
+
+
+@contextlib.contextmanager
+def serving(
+    proc: CeleryProcess, redis_url: str, hostname: str, queue: str, processes: int = 1
+) -> Iterator[RunningWorker]:
+    """Start a worker process, wait until `processes` of its processes have loaded the
+    model, hand it over; stop it afterwards, however the block ends."""
+    state = redis.Redis.from_url(redis_url)
+    proc.start()
+    try:
+        wait_ready(proc, state, hostname, processes=processes)
+        yield RunningWorker(proc, hostname, queue)
+    finally:
+        proc.stop()
+        state.close()

@@ -18,6 +18,7 @@ from producer.contract import (
     LatencySummary,
     WorkerHealth,
     WorkerState,
+    bucket_low,
 )
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
     for c in counts:
         total.update(c)
     # Buckets in size order ("1", "2-3", "4-7", ...), not as strings sort.
-    return dict(sorted(total.items(), key=lambda kv: int(kv[0].split("-")[0])))
+    return dict(sorted(total.items(), key=lambda kv: bucket_low(kv[0])))
 
 
 def group_by_worker(states: list[WorkerState], now: float) -> list[WorkerHealth]:

@@ -15,18 +15,12 @@ from collections import Counter, deque
 
 import redis
 
-from producer.contract import WorkerState, worker_state_key
+from producer.contract import WorkerState, batch_bucket, worker_state_key
 
 log = logging.getLogger(__name__)
 
 WINDOW = 512
 """Recent task times kept per process for the latency percentiles."""
-
-
-def batch_bucket(size: int) -> str:
-    """Power-of-two histogram buckets: "1", "2-3", "4-7", "8-15"..."""
-    low = 1 << (max(size, 1).bit_length() - 1)
-    return "1" if low == 1 else f"{low}-{2 * low - 1}"
 
 
 class ProcessStats:

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 from celery import Celery
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -34,8 +33,8 @@ from producer import errors
 from producer.client import Client, TaskStatus
 from producer.contract import QUEUE_CPU, TASK_PREDICT, TASK_PREDICT_BATCH
 from scripts.rss_soak import MIB, children, worker_rss
-from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel
-from worker.processes import CeleryProcess, celery_env, wait_ready, worker_process
+from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel, serving
+from worker.processes import CeleryProcess, celery_env, worker_process
 
 pytestmark = [
     pytest.mark.integration,
@@ -435,14 +434,9 @@ def guarded_worker(
         "app.conf.worker_consumer = 'worker.tasks:GuardedConsumer'; app.worker_main(sys.argv[1:])"
     )
     stock = worker_process(env, log, queue=queue, name=hostname, pool="solo")
-    proc = CeleryProcess([sys.executable, "-c", code, *stock.args[5:]], env, log).start()
-    state = redis.Redis.from_url(redis_url)
-    try:
-        wait_ready(proc, state, hostname, processes=1)
-        yield RunningWorker(proc, hostname, queue)
-    finally:
-        proc.stop()
-        state.close()
+    proc = CeleryProcess([sys.executable, "-c", code, *stock.args[5:]], env, log)
+    with serving(proc, redis_url, hostname, queue) as worker:
+        yield worker
 
 
 @settings(FUZZ, max_examples=15)

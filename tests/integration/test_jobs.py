@@ -9,14 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 from celery import Celery
 
 from producer.client import Client
 from producer.contract import QUEUE_CPU, TASK_PREDICT, TASK_PREDICT_BATCH, row_queue
 from producer.errors import FeatureCountMismatch, InvalidInput
-from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel
-from worker.processes import celery_env, wait_ready, worker_process
+from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel, serving
+from worker.processes import celery_env, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -167,16 +166,9 @@ def laneless_worker(
     hostname = f"{queue}@tests"
     env = celery_env(redis_url, model_dir=trained_model.model_dir, row_lane="false")
     log = tmp_path_factory.mktemp("logs") / "laneless.log"
-    proc = worker_process(
-        env, log, queue=f"{queue},{row_queue(queue)}", name=hostname, pool="solo"
-    ).start()
-    state = redis.Redis.from_url(redis_url)
-    try:
-        wait_ready(proc, state, hostname, processes=1)
-        yield RunningWorker(proc, hostname, queue)
-    finally:
-        proc.stop()
-        state.close()
+    proc = worker_process(env, log, queue=f"{queue},{row_queue(queue)}", name=hostname, pool="solo")
+    with serving(proc, redis_url, hostname, queue) as worker:
+        yield worker
 
 
 def test_without_the_row_lane_celery_serves_the_row_queue_from_the_same_messages(

@@ -15,8 +15,8 @@ from kombu import Connection
 from producer.client import Client, TaskStatus
 from producer.contract import TASK_PREDICT, TASK_PREDICT_BATCH, model_info_key, row_queue
 from producer.settings import ProducerSettings
-from tests.support import RunningWorker, TrainedModel
-from worker.processes import celery_env, wait_ready, worker_process
+from tests.support import RunningWorker, TrainedModel, serving
+from worker.processes import celery_env, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -54,14 +54,9 @@ def limits_worker(
         max_batch_rows=len(SLOW_ROWS),
     )
     log = tmp_path_factory.mktemp("logs") / "limits-worker.log"
-    state = redis.Redis.from_url(redis_url)
-    proc = worker_process(env, log, queue=queue, name=hostname, concurrency=1).start()
-    try:
-        wait_ready(proc, state, hostname, processes=1)
-        yield RunningWorker(proc, hostname, queue)
-    finally:
-        proc.stop()
-        state.close()
+    proc = worker_process(env, log, queue=queue, name=hostname, concurrency=1)
+    with serving(proc, redis_url, hostname, queue) as worker:
+        yield worker
 
 
 @pytest.fixture(scope="module")
