@@ -1,7 +1,7 @@
 """Producer client for the queue-based inference workers (no onnxruntime needed)."""
 
+from contract.errors import InferenceError, InvalidInput, PermanentError, TransientError
 from producer.client import Client, TaskStatus
-from producer.errors import InferenceError, InvalidInput, PermanentError, TransientError
 
 __all__ = [
     "Client",

@@ -34,15 +34,10 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from contract.errors import InvalidInput
+from contract.names import TASK_PREDICT_BATCH, row_queue
+from contract.schemas import ModelInfo, check_f32_shape, decode_f32, encode_f32
 from producer.client import Client, raise_for, resolve_queue
-from producer.contract import (
-    TASK_PREDICT_BATCH,
-    ModelInfo,
-    check_f32_shape,
-    decode_f32,
-    encode_f32,
-    row_queue,
-)
 from producer.csv_chunks import (
     PREDICTION_COLUMN,
     Chunk,
@@ -55,7 +50,6 @@ from producer.csv_chunks import (
     parse,
     read_header,
 )
-from producer.errors import InvalidInput
 from producer.journal import (
     Journal,
     JournalError,

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from producer import bench
-from producer.bulk import JournalError, journal_path, score_csv
+from contract.errors import InferenceError, JournalError
+from contract.schemas import HealthReport
 from producer.client import Client, TaskStatus
-from producer.errors import InferenceError
+from producer.health import format_health
 from producer.settings import ProducerSettings, redact
 
 
@@ -56,6 +56,9 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_score(client: Client, args: argparse.Namespace) -> int:
+    # Bulk scoring brings pyarrow: only this command pays for importing it.
+    from producer.bulk import journal_path, score_csv
+
     output = Path(args.output)
 
     def note(message: str) -> None:
@@ -100,28 +103,6 @@ def cmd_score(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def format_health(report: dict[str, Any]) -> str:
-    lines = [f"status: {report['status']}   queue depths: {report['queue_depths']}"]
-    for w in report["workers"]:
-        lat = w["latency"]
-        lines.append(
-            f"  {w['hostname']}: {w['processes']} process(es), pool {w['pool']}, "
-            f"queues {w['queues']}, "
-            f"model {w['model_name']}/{w['model_version']} on {w['device']} ({w['provider']}), "
-            f"done {w['jobs_done']} failed {w['jobs_failed']} rows {w['rows_done']}, "
-            f"task p50/p95/p99 {lat['p50_ms']}/{lat['p95_ms']}/{lat['p99_ms']} ms, "
-            f"up {w['uptime_s']:.0f}s"
-            + (
-                f", row batches {', '.join(f'{k}: {v}' for k, v in w['batch_sizes'].items())}"
-                if w.get("batch_sizes")
-                else ""
-            )
-        )
-    if not report["workers"]:
-        lines.append("  no live workers")
-    return "\n".join(lines)
-
-
 def cmd_health(client: Client, args: argparse.Namespace) -> int:
     report = client.health()
     if report is None:
@@ -130,7 +111,7 @@ def cmd_health(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report)
     else:
-        print(format_health(report))
+        print(format_health(HealthReport.model_validate(report)))
     return 0 if report["status"] == "ok" else 1
 
 
@@ -178,14 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser(
-        "bench",
-        help="latency and throughput of the queue against the model run in-process",
-        description=bench.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench.add_arguments(p)
-
     p = sub.add_parser("health", help="the latest health report")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_health)
@@ -194,9 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "bench":
-        # It makes its own client: with --embedded, for a Redis it has yet to start.
-        return bench.run_from_args(args)
     settings = ProducerSettings()
     try:
         with Client(settings) as client:

@@ -15,25 +15,20 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from producer import errors
-from producer.connections import redis_client
-from producer.contract import (
+from contract.envelope import task_message
+from contract.names import (
     HEADER_ENQUEUED_AT,
     HEALTH_REPORT_KEY,
     QUEUES,
     TASK_PREDICT,
     TASK_PREDICT_BATCH,
-    BatchRequest,
-    M,
-    ModelInfo,
-    PredictRequest,
-    check_shape,
     model_info_key,
-    parse_request,
     queue_for,
     result_key,
 )
-from producer.envelope import task_message
+from contract.schemas import BatchRequest, M, ModelInfo, PredictRequest, check_shape, parse_request
+from producer import errors
+from producer.connections import redis_client
 from producer.recovery import LostJobFinder, SentJob, SentJobs
 from producer.settings import ProducerSettings
 
@@ -105,7 +100,7 @@ def raise_for(status: TaskStatus) -> dict[str, Any]:
 class Client:
     def __init__(self, settings: ProducerSettings | None = None) -> None:
         self.settings = settings or ProducerSettings()
-        # Messages are built here (producer.envelope) and pushed with LPUSH: no Celery app,
+        # Messages are built here (contract.envelope) and pushed with LPUSH: no Celery app,
         # whose send_task costs ~0.8 ms of CPU a message, and whose Redis result backend
         # would subscribe to a pub/sub channel for every task sent. Results are read with
         # GET/MGET. Both clients retry through a Redis restart (redis_client).

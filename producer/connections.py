@@ -13,7 +13,7 @@ import redis
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
 
-from producer.errors import StartupError
+from contract.errors import RedisAuthFailed, RedisTlsFailed, RedisUnreachable
 from producer.settings import ConnectionSettings, is_tls, redact
 
 
@@ -106,18 +106,6 @@ def redis_client(
         retry=TransientRetry(backoff, retries),
         **tls,
     )
-
-
-class RedisUnreachable(Exception):
-    """Redis did not answer; it may come up later."""
-
-
-class RedisAuthFailed(StartupError):
-    """Redis refused the credentials."""
-
-
-class RedisTlsFailed(StartupError):
-    """The server's TLS certificate could not be verified."""
 
 
 _AUTH_REPLIES = ("NOAUTH", "WRONGPASS")

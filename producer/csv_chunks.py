@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from numpy.typing import NDArray
 
-from producer.errors import InvalidInput
+from contract.errors import InvalidInput
 
 PREDICTION_COLUMN = "prediction"
 READ_BYTES = 1 << 20

@@ -21,9 +21,9 @@ from typing import IO, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from contract.errors import InvalidInput, JournalError
+from contract.schemas import decode_f32, encode_f32
 from producer.client import resolve_queue
-from producer.contract import decode_f32, encode_f32
-from producer.errors import InvalidInput
 
 if sys.platform != "win32":
     import fcntl
@@ -36,10 +36,6 @@ JOURNAL_VERSION = 2
 # The job's fingerprint hashes this much of the input's head and of its tail: cheap on any
 # size, and catches another file or a rewritten one at once; the chunk digests catch the rest.
 SAMPLE_BYTES = 1 << 20
-
-
-class JournalError(InvalidInput):
-    """An earlier run's journal cannot be used: another job's, damaged, or in use."""
 
 
 def journal_path(out_path: Path) -> Path:

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from producer.contract import UNACKED_KEY
+from contract.names import UNACKED_KEY
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
 #   /tmp/gpu-site  onnxruntime-gpu + the project's dependencies  (GPU worker)
 #   /tmp/cpu-site  the project's dependencies only               (CPU worker, the
 #                  machine's own onnxruntime)
-# Then scripts/gpu_check.py measures GPU vs CPU worker throughput for batches of
+# Then `python -m stack.gpu_check` measures GPU vs CPU worker throughput for batches of
 # 1 to 65,536 rows through the queue, records node placement and the max
 # difference between GPU and CPU predictions, and writes $OUT/gpu_check.json.
 #
@@ -52,4 +52,4 @@ pip_install /tmp/gpu-site "${deps[@]}" .whl/onnxruntime_gpu-*.whl
 mkdir -p "$OUT"
 nvidia-smi | tee "$OUT/nvidia-smi.txt" || true
 GPU_PYTHONPATH=/tmp/gpu-site CPU_PYTHONPATH=/tmp/cpu-site PYTHONPATH="/tmp/cpu-site:$PWD" \
-    python3 scripts/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+    python3 -m stack.gpu_check --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"

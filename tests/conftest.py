@@ -15,11 +15,11 @@ import pytest
 import redis
 from celery import Celery
 
-from producer.embedded_redis import EmbeddedRedis
 from producer.settings import ProducerSettings
+from stack.embedded_redis import EmbeddedRedis
+from stack.processes import celery_env, worker_process
 from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel, serving
 from training.artifact import load_manifest
-from worker.processes import celery_env, worker_process
 
 
 @pytest.fixture(scope="session")

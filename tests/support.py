@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from stack.processes import CeleryProcess, wait_ready
 from training.artifact import Manifest
-from worker.processes import CeleryProcess, wait_ready
 
 TEST_MAX_BATCH_ROWS = 5_000
 """The row limit the shared test worker is started with."""

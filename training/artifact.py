@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from producer.errors import ModelArtifactError
+from contract.errors import ModelArtifactError
 
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"

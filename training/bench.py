@@ -158,7 +158,7 @@ def write_summary(
     results: dict[str, Timing],
     reference_r2: float | None,
 ) -> dict[str, Any]:
-    """The model's goal figures (P4), beside its manifest, for `python -m producer bench`."""
+    """The model's goal figures (P4), beside its manifest, for `python -m stack.bench`."""
     from datetime import UTC, datetime
 
     cpu_file = manifest.files["cpu"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from training.errors import DataError, TrainingError
+from contract.errors import DataError, TrainingError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from training.errors import DataError
+from contract.errors import DataError
 
 FRIEDMAN_FEATURES = 5
 FRIEDMAN_NOISE = 1.0

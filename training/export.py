@@ -14,7 +14,7 @@ from sklearn.ensemble import RandomForestRegressor
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from training.errors import ConversionMismatch
+from contract.errors import ConversionMismatch
 
 # Part of the artifact contract (recorded in the manifest): workers feed
 # INPUT_NAME as float32 [batch, n_features] and read OUTPUT_NAME as float32 [batch, 1].

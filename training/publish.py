@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
+from contract.errors import TrainingError
 from training.artifact import (
     MANIFEST_FILE,
     Manifest,
@@ -27,7 +28,6 @@ from training.artifact import (
     verified_model_path,
     write_current,
 )
-from training.errors import TrainingError
 
 TMP_PREFIX = ".tmp-"
 

@@ -16,11 +16,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from contract.errors import DataError
 from training import export
 from training.artifact import Manifest, ModelFile
 from training.config import DEFAULT_MAX_DEPTH, DEFAULT_MIN_SAMPLES_LEAF, TrainConfig
 from training.data import Dataset, friedman1, from_csv
-from training.errors import DataError
 from training.publish import PendingFile, publish
 
 __all__ = [

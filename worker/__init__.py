@@ -1,5 +1,4 @@
-"""Celery workers serving the ONNX model: `celery -A worker worker -Q inference.cpu`."""
+"""Celery workers serving the ONNX model: `celery -A worker worker -Q inference.cpu`.
 
-from worker.app import app
-
-__all__ = ["app"]
+Importing the package builds nothing; `celery -A worker` finds the app in worker.celery.
+"""

@@ -7,25 +7,23 @@ import time
 from collections import Counter, defaultdict
 from typing import Literal
 
-import numpy as np
 import redis
 from pydantic import ValidationError
 
-from producer.contract import (
-    HEALTH_REPORT_KEY,
-    WORKER_STATE_PREFIX,
-    HealthReport,
-    LatencySummary,
-    WorkerHealth,
-    WorkerState,
-    bucket_low,
-)
+from contract.names import HEALTH_REPORT_KEY, WORKER_STATE_PREFIX, bucket_low
+from contract.schemas import HealthReport, LatencySummary, WorkerHealth, WorkerState
+from producer.health import format_health
 
 log = logging.getLogger(__name__)
 
 
-def live_states(client: redis.Redis) -> list[WorkerState]:
-    keys = sorted(client.scan_iter(match=f"{WORKER_STATE_PREFIX}*", count=500))
+def live_states(
+    client: redis.Redis, hostname: str | None = None, queue: str | None = None
+) -> list[WorkerState]:
+    """The state of every live worker process (each refreshes its own key, with a TTL), or
+    of those of worker `hostname`, or of those consuming `queue`."""
+    match = f"{WORKER_STATE_PREFIX}{hostname}:*" if hostname else f"{WORKER_STATE_PREFIX}*"
+    keys = sorted(client.scan_iter(match=match, count=500))
     if not keys:
         return []
     states = []
@@ -33,22 +31,12 @@ def live_states(client: redis.Redis) -> list[WorkerState]:
         if raw is None:  # expired between SCAN and MGET
             continue
         try:
-            states.append(WorkerState.model_validate_json(raw))
+            state = WorkerState.model_validate_json(raw)
         except ValidationError:
             continue
+        if queue is None or queue in state.queues:
+            states.append(state)
     return states
-
-
-def summarize(samples: list[float]) -> LatencySummary:
-    if not samples:
-        return LatencySummary(count=0, p50_ms=None, p95_ms=None, p99_ms=None)
-    p50, p95, p99 = np.percentile(np.asarray(samples), [50, 95, 99])
-    return LatencySummary(
-        count=len(samples),
-        p50_ms=round(float(p50), 3),
-        p95_ms=round(float(p95), 3),
-        p99_ms=round(float(p99), 3),
-    )
 
 
 def _merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
@@ -79,7 +67,7 @@ def group_by_worker(states: list[WorkerState], now: float) -> list[WorkerHealth]
                 jobs_done=sum(s.jobs_done for s in procs),
                 jobs_failed=sum(s.jobs_failed for s in procs),
                 rows_done=sum(s.rows_done for s in procs),
-                latency=summarize([ms for s in procs for ms in s.recent_task_ms]),
+                latency=LatencySummary.of([ms for s in procs for ms in s.recent_task_ms]),
                 batch_sizes=_merge_counts([s.batch_sizes for s in procs]),
                 uptime_s=round(now - first.started_at, 1),
                 last_seen_s=round(now - max(s.updated_at for s in procs), 1),
@@ -115,14 +103,4 @@ def store_report(client: redis.Redis, report: HealthReport, ttl_s: int) -> None:
 
 
 def log_report(report: HealthReport) -> None:
-    log.info(
-        "health %s: %d worker(s) %s; queue depths %s",
-        report.status,
-        len(report.workers),
-        ", ".join(
-            f"{w.hostname}[{w.processes}p {w.provider} done={w.jobs_done} failed={w.jobs_failed} "
-            f"p50={w.latency.p50_ms}ms p99={w.latency.p99_ms}ms batches={w.batch_sizes}]"
-            for w in report.workers
-        ),
-        report.queue_depths,
-    )
+    log.info("health report\n%s", format_health(report))

@@ -6,35 +6,56 @@ the model in `worker_process_init`; solo and threads pools load it in
 `worker_init`, in the one process that runs tasks. Either way the model is
 loaded and warmed before the first job is taken. Then each process starts its row
 lane (worker.lane) beside every queue the worker consumes.
+
+Nothing is connected at import: the app module calls `connect()`, and the patches to
+kombu (worker.kombu_fixes, worker.guards.bound_decompression) are applied in `worker_init`,
+in the worker's main process, before its pool forks.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Any
 
+from celery import Celery
 from celery.signals import (
+    task_failure,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_shutdown,
 )
 
+from contract.errors import StartupError
+from contract.names import QUEUE_CPU, row_queue
 from producer.connections import RedisUnreachable, check_redis
-from producer.contract import QUEUE_CPU, row_queue
-from producer.errors import StartupError
 from producer.settings import redact
-from worker import runtime
-from worker.app import settings
-from worker.lane import RowLane
+from worker import kombu_fixes, runtime
+from worker.guards import bound_decompression
+from worker.lane.server import RowLane
 from worker.model import check_provider, resolve_artifact
+from worker.settings import WorkerSettings, load
 
 log = logging.getLogger(__name__)
 
 # Filled in the main process by worker_init; prefork children inherit it.
-_identity: dict[str, Any] = {"hostname": "", "queues": [QUEUE_CPU], "pool": "prefork", "lanes": []}
+_identity: dict[str, Any] = {
+    "hostname": "", "queues": [QUEUE_CPU], "pool": "prefork", "lanes": [], "app": None,
+}  # fmt: skip
 _lanes: list[RowLane] = []
+
+
+def connect(app: Celery) -> None:
+    """Hook start-up, shutdown and failure clean-up onto Celery's signals, for `app`'s
+    workers. Called once, by the app module."""
+    _identity["app"] = app
+    worker_init.connect(_check_and_maybe_load, weak=False)
+    worker_process_init.connect(_load_in_child, weak=False)
+    worker_process_shutdown.connect(_stop, weak=False)
+    worker_shutdown.connect(_stop, weak=False)
+    task_failure.connect(_collect_failure_garbage, weak=False)
 
 
 def lane_queues(consumed: list[str]) -> list[str]:
@@ -53,14 +74,18 @@ def _refuse(reason: str) -> None:
     raise SystemExit(f"worker refuses to start: {reason}")
 
 
-@worker_init.connect
 def _check_and_maybe_load(sender: Any, **_: Any) -> None:
     """`sender` is the celery.apps.worker.Worker being started."""
+    settings = load()
+    kombu_fixes.apply()
+    bound_decompression(settings.max_message_bytes)
     pool = pool_name(sender.pool_cls)
     consumed = sorted(sender.app.amqp.queues.consume_from or [QUEUE_CPU])
     lanes = lane_queues(consumed) if settings.row_lane else []
     queues = sorted({*consumed, *lanes})
-    _identity.update(hostname=sender.hostname, queues=queues, pool=pool, lanes=lanes)
+    _identity.update(
+        hostname=sender.hostname, queues=queues, pool=pool, lanes=lanes, app=sender.app
+    )
     log.info(
         "worker %s: queues %s, pool %s, broker %s",
         sender.hostname,
@@ -68,7 +93,7 @@ def _check_and_maybe_load(sender: Any, **_: Any) -> None:
         pool,
         redact(settings.broker),
     )
-    _check_redis()
+    _check_redis(settings)
     try:
         provider = check_provider(settings)
         resolve_artifact(settings, provider)
@@ -92,7 +117,7 @@ def _check_and_maybe_load(sender: Any, **_: Any) -> None:
         _start_runtime()
 
 
-def _check_redis() -> None:
+def _check_redis(settings: WorkerSettings) -> None:
     """Refuse to start on credentials or a certificate that Redis rejects: Celery would
     retry them 100 times with ever longer waits, and a prefork child would die loading its
     model. A server that does not answer only warns: it may come up later, and Celery's
@@ -113,25 +138,40 @@ def _check_redis() -> None:
             _refuse(str(exc))
 
 
-@worker_process_init.connect
 def _load_in_child(**_: Any) -> None:
     _start_runtime()
 
 
 def _start_runtime() -> None:
+    settings = load()
     try:
         rt = runtime.start(settings, _identity["hostname"], _identity["queues"], _identity["pool"])
     except StartupError as exc:
         _refuse(str(exc))
     for queue in _identity["lanes"]:
-        lane = RowLane(rt, queue, _identity["hostname"])
+        lane = RowLane(rt, _identity["app"].backend, queue, _identity["hostname"])
         lane.start()
         _lanes.append(lane)
 
 
-@worker_process_shutdown.connect
-@worker_shutdown.connect
 def _stop(**_: Any) -> None:
     while _lanes:
         _lanes.pop().stop()
     runtime.stop()
+
+
+# A failed task leaves ~75 KB of cyclic garbage (the exception, its traceback and the
+# tracer's frames) that only a full collection frees, and CPython's full collections wait
+# until long-lived objects grow by 25%: a pool process that fails jobs grew from ~100 to
+# ~200 MB before one ran. A full collection every so many failures keeps it flat, for a
+# few milliseconds each (measured: ~45 ms with the model loaded, amortized <0.5 ms/failure).
+COLLECT_EVERY_FAILURES = 100
+_failures_since_collect = 0
+
+
+def _collect_failure_garbage(**_: Any) -> None:
+    global _failures_since_collect
+    _failures_since_collect += 1
+    if _failures_since_collect >= COLLECT_EVERY_FAILURES:
+        _failures_since_collect = 0
+        gc.collect()

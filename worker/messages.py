@@ -1,6 +1,6 @@
 """Checks of a task message's headers and body, before anything acts on them.
 
-Shared by Celery's path (worker.tasks.checked_strategy) and the single-row lane
+Shared by Celery's path (worker.guards.checked_strategy) and the single-row lane
 (worker.lane), so a message is held to the same rules whichever way it comes.
 """
 

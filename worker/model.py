@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from producer.errors import ProviderUnavailable
+from contract.errors import ProviderUnavailable
 from training.artifact import Manifest, Variant, load_manifest, verified_model_path
 from worker.settings import WorkerSettings
 

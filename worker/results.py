@@ -1,46 +1,48 @@
-"""What the row lane stores for a job: the result documents Celery's Redis backend writes,
-so a producer reads them, or Celery's AsyncResult.get() does, as if Celery had run the job."""
+"""The result documents the row lane stores, made by the app's own Celery result backend.
+
+The lane writes many results in one pipeline instead of one round trip each, so it does not
+call `backend.store_result`; it asks the backend for what that would write (the key, the
+encoded meta, the exception as the backend serializes it), so a producer, or Celery's
+AsyncResult.get(), reads them as if Celery had run the job.
+"""
 
 from __future__ import annotations
 
 import datetime
-import json
 from typing import Any
 
+from celery import states
+from celery.exceptions import TaskRevokedError
 from celery.utils.time import maybe_iso8601
 
-# What Celery stores for a job it did not run because its `expires` time had passed.
-REVOKED: dict[str, Any] = {
-    "exc_type": "TaskRevokedError",
-    "exc_message": ["expired"],
-    "exc_module": "celery.exceptions",
-}
+
+def result_document(backend: Any, task_id: str, state: str, result: Any) -> tuple[str, str]:
+    """(Redis key, encoded document) of a finished job, as `backend` (the app's Redis result
+    backend) writes them in store_result: `result` is the task's return value, or the
+    exception it failed with."""
+    meta = backend._get_result_meta(
+        result=backend.encode_result(result, state), state=state, traceback=None, request=None
+    )
+    meta["task_id"] = task_id
+    key = backend.get_key_for_task(task_id)
+    doc = backend.encode(meta)
+    return (
+        key.decode() if isinstance(key, bytes) else str(key),
+        doc.decode() if isinstance(doc, bytes) else str(doc),
+    )
 
 
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat()
+def success(backend: Any, task_id: str, result: dict[str, Any]) -> tuple[str, str]:
+    return result_document(backend, task_id, states.SUCCESS, result)
 
 
-def result_document(task_id: str, state: str, result: Any) -> str:
-    """What Celery's Redis backend stores for a finished task."""
-    meta = {
-        "status": state,
-        "result": result,
-        "traceback": None,
-        "children": [],
-        "date_done": utc_now(),
-        "task_id": task_id,
-    }
-    return json.dumps(meta, separators=(",", ":"))
+def failure(backend: Any, task_id: str, exc: BaseException) -> tuple[str, str]:
+    return result_document(backend, task_id, states.FAILURE, exc)
 
 
-def error_document(exc: BaseException) -> dict[str, Any]:
-    """An exception as Celery's backend serializes it for a JSON result."""
-    return {
-        "exc_type": type(exc).__name__,
-        "exc_message": list(exc.args),
-        "exc_module": type(exc).__module__,
-    }
+def revoked(backend: Any, task_id: str) -> tuple[str, str]:
+    """What Celery stores for a job it did not run because its `expires` time had passed."""
+    return result_document(backend, task_id, states.REVOKED, TaskRevokedError("expired"))
 
 
 def expired(expires: Any) -> bool:

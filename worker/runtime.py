@@ -11,9 +11,10 @@ import os
 import time
 from dataclasses import dataclass
 
+from contract.errors import ModelNotReady
+from contract.names import model_info_key
+from contract.schemas import ModelInfo, WorkerState
 from producer.connections import redis_client
-from producer.contract import ModelInfo, WorkerState, model_info_key
-from producer.errors import ModelNotReady
 from worker.model import LoadedModel, load_model
 from worker.settings import WorkerSettings
 from worker.stats import Heartbeat, ProcessStats

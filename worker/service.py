@@ -1,13 +1,21 @@
-"""Task bodies, free of Celery: validate, predict, time, count."""
+"""Task bodies, free of Celery: validate, predict, time, count, and build the result.
+
+Celery's path (worker.tasks) and the row lane (worker.lane.server) both call these, so a
+job's result is built the same way whichever path served it.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-from producer.contract import (
+from contract.errors import InferenceError, PredictionFailed
+from contract.schemas import (
     BatchRequest,
     BatchResult,
     Latency,
@@ -18,7 +26,35 @@ from producer.contract import (
 )
 from worker.runtime import Runtime
 
+log = logging.getLogger(__name__)
+
 M = TypeVar("M", PredictRequest, BatchRequest)
+
+
+@dataclass(frozen=True)
+class Started:
+    """When serving a job (or a batch of jobs taken together) began."""
+
+    wall: float
+    """Unix seconds: compared with the producer's enqueued_at header."""
+    perf: float
+    """time.perf_counter(): the start of task_ms."""
+
+    @classmethod
+    def now(cls) -> Started:
+        return cls(time.time(), time.perf_counter())
+
+
+@dataclass(frozen=True)
+class Job:
+    """One task message's arguments, as either path received them."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    enqueued_at: Any
+    """The producer's enqueued_at header, if any (checked here, not trusted)."""
+    hostname: str
+    """The worker's name, for the result."""
 
 
 def queue_wait_ms(enqueued_at: Any, started_at: float) -> float | None:
@@ -30,25 +66,23 @@ def queue_wait_ms(enqueued_at: Any, started_at: float) -> float | None:
     return round(max(0.0, (started_at - float(enqueued_at)) * 1000.0), 3)
 
 
-def _parse(rt: Runtime, model: type[M], args: tuple[Any, ...], kwargs: dict[str, Any]) -> M:
-    # The shape is checked against the loaded model before any value is validated, so a
-    # huge or ragged message costs O(rows), and the rows handed to _run have the right shape.
+def parse(rt: Runtime, model: type[M], args: tuple[Any, ...], kwargs: dict[str, Any]) -> M:
+    """The request, InvalidInput if it breaks the schema. The shape is checked against the
+    loaded model before any value is validated, so a huge or ragged message costs O(rows)."""
     return parse_request(
         model,
         args,
         kwargs,
         n_features=rt.model.n_features,
-        max_rows=rt.settings.max_batch_rows,
+        max_rows=1 if model is PredictRequest else rt.settings.max_batch_rows,
     )
 
 
-def _run(rt: Runtime, matrix: np.ndarray) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    out = rt.model.predict(matrix)
-    return out, (time.perf_counter() - t0) * 1000.0
-
-
-def _common(rt: Runtime, hostname: str) -> dict[str, Any]:
+def _fields(
+    rt: Runtime, hostname: str, enqueued_at: Any, started: Started, inference_ms: float
+) -> dict[str, Any]:
+    """What every result carries besides its predictions: the model, the device, the
+    latencies (task_ms up to now)."""
     manifest = rt.model.manifest
     return {
         "model_name": manifest.name,
@@ -56,57 +90,89 @@ def _common(rt: Runtime, hostname: str) -> dict[str, Any]:
         "provider": rt.model.provider,
         "device": rt.model.device,
         "hostname": hostname,
+        "latency": Latency(
+            queue_wait_ms=queue_wait_ms(enqueued_at, started.wall),
+            inference_ms=round(inference_ms, 3),
+            task_ms=round((time.perf_counter() - started.perf) * 1000.0, 3),
+        ),
     }
 
 
-def predict_one(
-    rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any], enqueued_at: Any, hostname: str
-) -> dict[str, Any]:
-    started_wall, started = time.time(), time.perf_counter()
+def predict_rows(
+    rt: Runtime,
+    rows: Sequence[Sequence[float]],
+    enqueued_at: Sequence[Any],
+    hostname: str,
+    started: Started,
+) -> list[dict[str, Any] | InferenceError]:
+    """Single-row jobs predicted together, with one onnxruntime call: each job's result
+    document, or its error. Should that call raise, each row is run alone, so a row the model
+    fails on fails alone (PredictionFailed) and the others are served."""
+    matrix = np.asarray(rows, dtype=np.float32)
+    t0 = time.perf_counter()
+    outcome: list[float | InferenceError]
     try:
-        request = _parse(rt, PredictRequest, args, kwargs)
-        out, inference_ms = _run(rt, np.asarray([request.features], dtype=np.float32))
+        outcome = list(rt.model.predict(matrix).astype(np.float64).tolist())
+    except Exception:
+        if len(rows) > 1:
+            log.exception("a batch of %d rows failed; running them one by one", len(rows))
+        outcome = [_predict_alone(rt, row) for row in matrix]
+    inference_ms = (time.perf_counter() - t0) * 1000.0
+    served = sum(1 for o in outcome if not isinstance(o, InferenceError))
+    results: list[dict[str, Any] | InferenceError] = []
+    for value, enqueued in zip(outcome, enqueued_at, strict=True):
+        if isinstance(value, InferenceError):
+            rt.stats.failed()
+            results.append(value)
+            continue
+        fields = _fields(rt, hostname, enqueued, started, inference_ms)
+        rt.stats.succeeded(fields["latency"].task_ms, 1)
+        results.append(PredictResult(prediction=value, batch_size=served, **fields).model_dump())
+    return results
+
+
+def _predict_alone(rt: Runtime, row: np.ndarray) -> float | InferenceError:
+    try:
+        return float(rt.model.predict(row[None, :])[0])
+    except Exception as exc:
+        return PredictionFailed(f"inference failed: {exc}")
+
+
+def predict_one(rt: Runtime, job: Job) -> dict[str, Any]:
+    """inference.predict on Celery's path: the result document, or the job's error raised."""
+    started = Started.now()
+    try:
+        request = parse(rt, PredictRequest, job.args, job.kwargs)
     except Exception:
         rt.stats.failed()
         raise
-    task_ms = (time.perf_counter() - started) * 1000.0
-    rt.stats.succeeded(task_ms, 1)
-    result = PredictResult(
-        prediction=float(out[0]),
-        latency=Latency(
-            queue_wait_ms=queue_wait_ms(enqueued_at, started_wall),
-            inference_ms=round(inference_ms, 3),
-            task_ms=round(task_ms, 3),
-        ),
-        **_common(rt, hostname),
-    )
-    return result.model_dump()
+    (result,) = predict_rows(rt, [request.features], [job.enqueued_at], job.hostname, started)
+    if isinstance(result, InferenceError):
+        raise result
+    return result
 
 
-def predict_batch(
-    rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any], enqueued_at: Any, hostname: str
-) -> dict[str, Any]:
-    started_wall, started = time.time(), time.perf_counter()
+def predict_batch(rt: Runtime, job: Job) -> dict[str, Any]:
+    """inference.predict_batch, on either path: the result document, or the error raised."""
+    started = Started.now()
     try:
-        request = _parse(rt, BatchRequest, args, kwargs)
+        request = parse(rt, BatchRequest, job.args, job.kwargs)
         # rows_f32 is decoded and checked whole (numpy), with no per-value validation.
-        out, inference_ms = _run(rt, request.matrix())
+        matrix = request.matrix()
+        t0 = time.perf_counter()
+        out = rt.model.predict(matrix)
+        inference_ms = (time.perf_counter() - t0) * 1000.0
     except Exception:
         rt.stats.failed()
         raise
-    task_ms = (time.perf_counter() - started) * 1000.0
-    rt.stats.succeeded(task_ms, len(out))
+    fields = _fields(rt, job.hostname, job.enqueued_at, started, inference_ms)
+    rt.stats.succeeded(fields["latency"].task_ms, len(out))
     # Predictions come back in the form the rows came in: float32 for rows_f32.
     compact = request.rows_f32 is not None
     result = BatchResult(
         predictions=None if compact else out.astype(np.float64).tolist(),
         predictions_f32=encode_f32(out) if compact else None,
         rows=len(out),
-        latency=Latency(
-            queue_wait_ms=queue_wait_ms(enqueued_at, started_wall),
-            inference_ms=round(inference_ms, 3),
-            task_ms=round(task_ms, 3),
-        ),
-        **_common(rt, hostname),
+        **fields,
     )
     return result.model_dump(exclude={"predictions" if compact else "predictions_f32"})

@@ -1,13 +1,18 @@
-"""Worker settings, read from the environment (prefix INFERENCE_)."""
+"""Worker settings, read from the environment (prefix INFERENCE_) when a process asks.
+
+Nothing is read at import: `load()` reads them once per process, the first time the app
+module, a signal handler or a task needs them.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from producer.contract import QUEUE_CPU
+from contract.names import QUEUE_CPU
 from producer.settings import ConnectionSettings
 
 
@@ -95,3 +100,9 @@ class WorkerSettings(ConnectionSettings):
                 f"task_time_limit_s x (prefetch_multiplier + 1) = {held:g}"
             )
         return self
+
+
+@functools.cache
+def load() -> WorkerSettings:
+    """This process's settings, read from the environment on the first call."""
+    return WorkerSettings()

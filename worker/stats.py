@@ -15,7 +15,8 @@ from collections import Counter, deque
 
 import redis
 
-from producer.contract import WorkerState, batch_bucket, worker_state_key
+from contract.names import batch_bucket, worker_state_key
+from contract.schemas import WorkerState
 
 log = logging.getLogger(__name__)
 

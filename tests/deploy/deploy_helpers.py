@@ -1,13 +1,15 @@
 """Helpers for the static checks of the deployment files (see conftest.py for fixtures).
 
-Nothing here needs a Docker engine: the compose file and the Dockerfiles are
-parsed and checked as text.
+Nothing here needs a Docker engine: the compose file is read as YAML, the Dockerfiles
+with dockerfile-parse, and both are checked as data.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import io
+import json
 import os
 import re
 import shlex
@@ -16,6 +18,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dockerfile_parse import DockerfileParser
+from dockerfile_parse.constants import COMMENT_INSTRUCTION
+from dockerfile_parse.parser import image_from
+from dockerfile_parse.util import WordSplitter, get_key_val_dictionary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -85,7 +92,7 @@ def service_environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 def command_argv(command: Any) -> list[str]:
-    """A compose or Dockerfile command as an argv list."""
+    """A compose command (string or list) as an argv list."""
     if command is None:
         return []
     if isinstance(command, str):
@@ -115,7 +122,27 @@ def option_value(argv: list[str], *names: str) -> str | None:
 class Instruction:
     keyword: str
     args: str
+    """The arguments as written, continuation lines joined (dockerfile-parse's `value`)."""
     line: int
+
+    def words(self) -> list[str]:
+        """The arguments split into words and unquoted as Docker reads them."""
+        return list(WordSplitter(self.args).split())
+
+    def _flags_and_operands(self) -> tuple[list[str], list[str]]:
+        words = self.words()
+        n = next((i for i, w in enumerate(words) if not w.startswith("--")), len(words))
+        return words[:n], words[n:]
+
+    def flags(self) -> dict[str, str]:
+        """Leading `--name=value` flags (COPY --from=..., --chown=...): dockerfile-parse
+        leaves an instruction's flags in its value."""
+        flags, _ = self._flags_and_operands()
+        return dict(flag[2:].partition("=")[::2] for flag in flags)
+
+    def operands(self) -> list[str]:
+        """The words after the flags: a COPY's sources and its destination."""
+        return self._flags_and_operands()[1]
 
 
 @dataclass
@@ -156,6 +183,9 @@ class Dockerfile:
             seen += 1
         return stage.base
 
+    # dockerfile-parse starts each stage afresh (its `envs` and `context_structure` reset
+    # at every FROM) and does not follow `FROM <earlier stage>`: what a stage inherits is
+    # followed here.
     def lineage(self, stage: Stage) -> list[Stage]:
         """The stage and every earlier stage it is built FROM, nearest first."""
         chain = [stage]
@@ -164,11 +194,12 @@ class Dockerfile:
         return chain
 
     def env(self, stage: Stage) -> dict[str, str]:
-        """ENV set in a stage, including what it inherits from earlier stages."""
+        """ENV set in a stage, including what it inherits from earlier stages; values as
+        written (`$PATH` stays unexpanded)."""
         out: dict[str, str] = {}
         for s in reversed(self.lineage(stage)):
             for inst in s.all("ENV"):
-                out.update(parse_env(inst.args))
+                out.update(get_key_val_dictionary(inst.args))
         return out
 
     def inherited_last(self, stage: Stage, keyword: str) -> Instruction | None:
@@ -179,80 +210,62 @@ class Dockerfile:
         return None
 
 
-def _logical_lines(text: str) -> list[tuple[int, str]]:
-    """Dockerfile lines with comments dropped and backslash continuations joined."""
-    out: list[tuple[int, str]] = []
-    buf: list[str] = []
-    start = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        stripped = raw.strip()
-        if not buf and (not stripped or stripped.startswith("#")):
-            continue
-        if buf and stripped.startswith("#"):
-            continue  # comment lines inside a continuation are skipped by Docker too
-        if not buf:
-            start = number
-        if stripped.endswith("\\"):
-            buf.append(stripped[:-1].strip())
-            continue
-        buf.append(stripped)
-        out.append((start, " ".join(p for p in buf if p)))
-        buf = []
-    if buf:
-        out.append((start, " ".join(buf)))
-    return out
-
-
-def _substitute(value: str, variables: dict[str, str]) -> str:
-    def sub(m: re.Match[str]) -> str:
-        name = m.group("name") or m.group("bare")
-        return variables.get(name, m.group(0))
-
-    return re.sub(
-        r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)", sub, value
-    )
-
-
-def parse_env(args: str) -> dict[str, str]:
-    """`ENV A=1 B="x y"` (or the legacy `ENV A 1`) as a mapping."""
-    parts = shlex.split(args)
-    if parts and "=" not in parts[0]:
-        return {parts[0]: " ".join(parts[1:])}
-    return dict(p.split("=", 1) for p in parts if "=" in p)
-
-
 def parse_dockerfile(path: Path) -> Dockerfile:
+    """The stages of a Dockerfile and their instructions, read with dockerfile-parse.
+
+    Each FROM's image comes from the parser's `parent_images`, which substitutes the ARGs
+    declared before the first FROM (their defaults: no build arguments are passed).
+    """
+    parser = DockerfileParser(fileobj=io.BytesIO(path.read_bytes()))
+    images = iter(parser.parent_images)
     global_args: dict[str, str] = {}
     stages: list[Stage] = []
-    for number, line in _logical_lines(path.read_text()):
-        keyword, _, args = line.partition(" ")
-        keyword = keyword.upper()
-        args = args.strip()
+    for item in parser.structure:
+        keyword, value, line = item["instruction"], item["value"], item["startline"] + 1
+        if keyword == COMMENT_INSTRUCTION:
+            continue
         if keyword == "ARG" and not stages:
-            name, _, default = args.partition("=")
-            global_args[name.strip()] = default.strip().strip('"')
+            global_args.update(get_key_val_dictionary(value))
             continue
         if keyword == "FROM":
-            words = [w for w in args.split() if not w.startswith("--")]
-            base = _substitute(words[0], global_args)
-            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(base=base, name=name))
+            _, name = image_from(value)
+            stages.append(Stage(base=next(images), name=name))
             continue
         if not stages:
-            raise AssertionError(f"{path.name}:{number}: {keyword} before the first FROM")
-        stages[-1].instructions.append(Instruction(keyword, args, number))
+            raise AssertionError(f"{path.name}:{line}: {keyword} before the first FROM")
+        stages[-1].instructions.append(Instruction(keyword, value, line))
     return Dockerfile(path=path, global_args=global_args, stages=stages)
 
 
 def exec_form(args: str) -> list[str] | None:
-    """The argv of an exec-form CMD/ENTRYPOINT (`["a", "b"]`), or None for shell form."""
-    import json
+    """The argv of an exec-form CMD/ENTRYPOINT (`["a", "b"]`), or None for shell form.
 
+    dockerfile-parse hands these values over as written; Docker reads the exec form as a
+    JSON array, and so does this.
+    """
     try:
         value = json.loads(args)
     except ValueError:
         return None
     return [str(v) for v in value] if isinstance(value, list) else None
+
+
+# `HEALTHCHECK [--interval=.. --timeout=.. ...] CMD <command>` or `HEALTHCHECK NONE`:
+# dockerfile-parse leaves the options and the command in one value.
+_HEALTHCHECK = re.compile(
+    r"^\s*(?P<options>(?:--\S+\s+)*)(?P<kind>CMD|NONE)\b\s*(?P<cmd>.*)$", re.S | re.I
+)
+
+
+def healthcheck_command(args: str) -> list[str] | None:
+    """The probe of a HEALTHCHECK: its argv (exec form, or `/bin/sh -c <text>` for shell
+    form), without HEALTHCHECK's own options; None for HEALTHCHECK NONE."""
+    m = _HEALTHCHECK.match(args)
+    assert m, f"not a HEALTHCHECK: {args!r}"
+    if m["kind"].upper() == "NONE":
+        return None
+    command = m["cmd"].strip()
+    return exec_form(command) or ["/bin/sh", "-c", command]
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """docker-compose.yml is consistent with the code it deploys.
 
-Queue names come from producer.contract, variable names from the settings
+Queue names come from contract.names, variable names from the settings
 classes: a rename there that the compose file misses fails here.
 """
 
@@ -21,7 +21,7 @@ from deploy_helpers import (
     settings_classes,
 )
 
-from producer.contract import QUEUE_CPU, QUEUE_GPU
+from contract.names import QUEUE_CPU, QUEUE_GPU
 
 WORKER_SERVICES = ("worker-cpu", "worker-gpu")
 # Services that import the Celery app or the producer and so need Redis.

@@ -13,12 +13,13 @@ from deploy_helpers import (
     Dockerfile,
     Stage,
     exec_form,
+    healthcheck_command,
     option_value,
 )
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from producer.contract import QUEUE_CPU, QUEUE_GPU
+from contract.names import QUEUE_CPU, QUEUE_GPU
 
 # CUDA major version the PyPI onnxruntime-gpu wheels of each 1.x minor target.
 # Since 1.19 the default PyPI build is CUDA 12 + cuDNN 9 (CUDA Execution
@@ -28,7 +29,14 @@ ORT_GPU_CUDA_MAJOR = {minor: 12 for minor in range(19, 27)}
 
 # What the image copies into the build: the package and its metadata, never
 # tests, models or local environments.
-ALLOWED_COPY_SOURCES = {"pyproject.toml", "README.md", "producer/", "worker/", "training/"}
+ALLOWED_COPY_SOURCES = {
+    "pyproject.toml",
+    "README.md",
+    "contract/",
+    "producer/",
+    "worker/",
+    "training/",
+}
 
 # Default python3 of the Ubuntu releases nvidia/cuda images are built on.
 UBUNTU_PYTHON = {"20.04": (3, 8), "22.04": (3, 10), "24.04": (3, 12)}
@@ -67,6 +75,8 @@ def _pip_installs(stage: Stage) -> list[str]:
     """Requirement arguments of every `pip install` in a stage's RUN instructions."""
     found: list[str] = []
     for inst in stage.all("RUN"):
+        # A RUN's value is a shell command line, which dockerfile-parse does not read:
+        # shlex splits it at the shell's separators, to find each command's words.
         lexer = shlex.shlex(inst.args, posix=True, punctuation_chars=";&|")
         lexer.whitespace_split = True
         segments: list[list[str]] = [[]]
@@ -137,11 +147,9 @@ def test_copies_only_the_package(dockerfile: Dockerfile) -> None:
     for stage in dockerfile.stages:
         for inst in stage.all("COPY") + stage.all("ADD"):
             assert inst.keyword == "COPY", "use COPY, not ADD"
-            words = shlex.split(inst.args)
-            if any(w.startswith("--from") for w in words):
+            if "from" in inst.flags():
                 continue
-            words = [w for w in words if not w.startswith("--")]
-            sources |= set(words[:-1])
+            sources |= set(inst.operands()[:-1])
     assert sources == ALLOWED_COPY_SOURCES, sources
     for src in sources:
         assert (REPO_ROOT / src).exists(), f"COPY source {src} does not exist"
@@ -183,10 +191,12 @@ def test_model_volume_and_environment(dockerfile: Dockerfile, env_names: set[str
 def test_healthcheck_pings_this_worker(dockerfile: Dockerfile) -> None:
     check = dockerfile.inherited_last(_final_stage(dockerfile), "HEALTHCHECK")
     assert check is not None, f"{dockerfile.path.name}: no HEALTHCHECK"
-    # The probe itself, after HEALTHCHECK's own --interval/--timeout options.
-    probe = check.args.split(" CMD ", 1)[-1]
+    # The probe itself, without HEALTHCHECK's own --interval/--timeout options.
+    argv = healthcheck_command(check.args)
+    assert argv is not None, f"{dockerfile.path.name}: HEALTHCHECK NONE"
+    probe = " ".join(argv)
     assert "celery -A worker inspect ping" in probe
-    assert re.search(r"-d\s+\\?\"?celery@\$\{?HOSTNAME", probe), probe
+    assert re.search(r"-d\s+\"?celery@\$\{?HOSTNAME", probe), probe
     assert re.search(r"(--timeout[= ]|-t )\d+", probe), "give inspect ping a timeout"
 
 
@@ -217,8 +227,7 @@ def test_cpu_worker_installs_the_worker_extra_only(cpu_dockerfile: Dockerfile) -
     final = _final_stage(cpu_dockerfile)
     assert final.name == "worker", "the CPU worker must be the last (default) stage"
     # The worker stage copies its venv from the stage that installed it.
-    copies = [shlex.split(i.args) for i in final.all("COPY")]
-    sources = {w.split("=", 1)[1] for c in copies for w in c if w.startswith("--from=")}
+    sources = {i.flags()["from"] for i in final.all("COPY") if "from" in i.flags()}
     assert len(sources) == 1, sources
     build = cpu_dockerfile.stage(sources.pop())
     installs = [r for s in cpu_dockerfile.lineage(build) for r in _pip_installs(s)]
@@ -237,8 +246,7 @@ def test_cpu_dockerfile_never_installs_onnxruntime_gpu(cpu_dockerfile: Dockerfil
 
 def test_trainer_target(cpu_dockerfile: Dockerfile) -> None:
     trainer = cpu_dockerfile.stage("trainer")
-    copies = [shlex.split(i.args) for i in trainer.all("COPY")]
-    sources = {w.split("=", 1)[1] for c in copies for w in c if w.startswith("--from=")}
+    sources = {i.flags()["from"] for i in trainer.all("COPY") if "from" in i.flags()}
     installs = [
         r
         for src in sources

@@ -79,8 +79,10 @@ def test_local_state_is_excluded(path: str) -> None:
     [
         "pyproject.toml",
         "README.md",
-        "producer/contract.py",
-        "worker/app.py",
+        "contract/names.py",
+        "producer/client.py",
+        "worker/celery.py",
+        "worker/lane/take.lua",
         "training/__init__.py",
         "Dockerfile.worker",
         "Dockerfile.worker-gpu",

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract.errors import FeatureCountMismatch, InvalidInput
+from contract.names import TASK_PREDICT_BATCH
+from contract.schemas import decode_f32, encode_f32
 from producer.bulk import PREDICTION_COLUMN, score_csv
 from producer.client import Client
-from producer.contract import TASK_PREDICT_BATCH, decode_f32, encode_f32
-from producer.errors import FeatureCountMismatch, InvalidInput
 from tests.support import RunningWorker, TrainedModel
 
 pytestmark = pytest.mark.integration

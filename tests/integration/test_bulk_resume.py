@@ -19,10 +19,10 @@ import redis
 
 from producer.bulk import PREDICTION_COLUMN, journal_path, read_journal, score_csv
 from producer.client import Client, TaskStatus
-from producer.contract import WORKER_STATE_PREFIX, WorkerState
 from producer.settings import ProducerSettings
 from tests.integration.test_bulk import many_rows, write_csv
 from tests.support import RunningWorker, TrainedModel
+from worker.health import live_states
 
 pytestmark = pytest.mark.integration
 
@@ -131,8 +131,7 @@ class DiesWithResultsUncollected(Client):
 
 
 def jobs_run(client: redis.Redis, hostname: str) -> int:
-    states = [client.get(k) for k in client.scan_iter(f"{WORKER_STATE_PREFIX}{hostname}:*")]
-    return sum(WorkerState.model_validate_json(s).jobs_done for s in states if s)
+    return sum(state.jobs_done for state in live_states(client, hostname=hostname))
 
 
 def settled_jobs_run(client: redis.Redis, hostname: str, heartbeat_s: float = 0.5) -> int:

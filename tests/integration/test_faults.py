@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import redis
 
+from contract.names import TASK_PREDICT
 from producer.bulk import PREDICTION_COLUMN, score_csv
 from producer.client import Client
-from producer.contract import TASK_PREDICT, WorkerState, worker_state_key
-from producer.embedded_redis import EmbeddedRedis, free_port
 from producer.settings import ProducerSettings
+from stack.embedded_redis import EmbeddedRedis, free_port
+from stack.processes import CeleryProcess, celery_env, wait_ready, worker_process
 from tests.support import TrainedModel
-from worker.processes import CeleryProcess, celery_env, wait_ready, worker_process
+from worker.health import live_states
 
 pytestmark = pytest.mark.integration
 
@@ -40,12 +41,7 @@ def start_worker(env: dict[str, str], tmp: Path, queue: str, name: str, c: int) 
 
 
 def processes_done(client: redis.Redis, hostname: str) -> int:
-    total = 0
-    for key in client.scan_iter(match=worker_state_key(hostname, 0)[:-1] + "*"):
-        raw = client.get(key)
-        if raw:
-            total += WorkerState.model_validate_json(raw).jobs_done
-    return total
+    return sum(state.jobs_done for state in live_states(client, hostname=hostname))
 
 
 def stream_with_interruption(

@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 from hypothesis.errors import NonInteractiveExampleWarning
 from kombu import Connection
 
+from contract.names import QUEUE_CPU, TASK_PREDICT, TASK_PREDICT_BATCH
 from producer import errors
 from producer.client import Client, TaskStatus
-from producer.contract import QUEUE_CPU, TASK_PREDICT, TASK_PREDICT_BATCH
-from scripts.rss_soak import MIB, children, worker_rss
+from stack.processes import CeleryProcess, celery_env, worker_process
+from stack.rss_soak import MIB, children, worker_rss
 from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel, serving
-from worker.processes import CeleryProcess, celery_env, worker_process
 
 pytestmark = [
     pytest.mark.integration,
@@ -422,7 +422,7 @@ def test_malformed_envelopes_and_content_types_are_refused(
 def guarded_worker(
     redis_url: str, trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningWorker]:
-    """A solo worker whose app uses worker.tasks.GuardedConsumer (set here: not in app.py)."""
+    """A solo worker whose app uses worker.guards.GuardedConsumer."""
     hostname = f"guarded-{uuid.uuid4().hex[:8]}@tests"
     queue = f"fuzz-{uuid.uuid4().hex[:8]}"
     env = celery_env(
@@ -430,8 +430,8 @@ def guarded_worker(
     )
     log = tmp_path_factory.mktemp("logs") / "guarded-worker.log"
     code = (
-        "import sys; from worker.app import app; "
-        "app.conf.worker_consumer = 'worker.tasks:GuardedConsumer'; app.worker_main(sys.argv[1:])"
+        "import sys; from worker.celery import app; "
+        "app.conf.worker_consumer = 'worker.guards:GuardedConsumer'; app.worker_main(sys.argv[1:])"
     )
     stock = worker_process(env, log, queue=queue, name=hostname, pool="solo")
     proc = CeleryProcess([sys.executable, "-c", code, *stock.args[5:]], env, log)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import pytest
 import redis
 
+from contract.names import HEALTH_REPORT_KEY, QUEUE_CPU, QUEUE_GPU, row_queue
+from contract.schemas import HealthReport
 from producer.client import Client
-from producer.contract import HEALTH_REPORT_KEY, QUEUE_CPU, QUEUE_GPU, HealthReport, row_queue
+from stack.processes import beat_process, celery_env
 from tests.support import RunningWorker, TrainedModel
-from worker.processes import beat_process, celery_env
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +27,11 @@ def test_beat_publishes_a_report_naming_the_live_worker(
         list(client.iter_finished(ids))
         client.send("inference.predict", {"features": [1.0]})  # one failure to count
 
+    # The shared worker serves the CPU queues and no worker of this session serves the GPU
+    # ones, so one job left waiting on inference.gpu decides the status: "degraded", whatever
+    # other tests left on the CPU queues.
+    waiting = json.dumps({"health-test": uuid.uuid4().hex})
+    redis_client.lpush(QUEUE_GPU, waiting)
     started = time.time()
     env = celery_env(redis_url, health_interval_s=1, model_dir=trained_model.model_dir)
     beat = beat_process(env, tmp_path / "beat.log", tmp_path / "beat-schedule").start()
@@ -43,6 +50,7 @@ def test_beat_publishes_a_report_naming_the_live_worker(
         assert report is not None, beat.log_tail()
     finally:
         beat.stop()
+        redis_client.lrem(QUEUE_GPU, 0, waiting)
 
     me = next(w for w in report.workers if w.hostname == cpu_worker.hostname)
     assert me.processes == 2
@@ -63,7 +71,10 @@ def test_beat_publishes_a_report_naming_the_live_worker(
     # Power-of-two buckets, in size order (the shared worker has served other tests too).
     lows = [int(k.split("-")[0]) for k in me.batch_sizes]
     assert lows == sorted(lows) and all(low & (low - 1) == 0 for low in lows)
-    assert report.status in {"ok", "degraded"}
+    # What the status rests on: no live worker consumes the queue the job waits on.
+    assert not [w.hostname for w in report.workers if QUEUE_GPU in w.queues]
+    assert report.queue_depths[QUEUE_GPU] >= 1
+    assert report.status == "degraded"
     # The report expires unless beat keeps refreshing it.
     assert 0 < redis_client.ttl(HEALTH_REPORT_KEY) <= 4
     assert json.loads(redis_client.get(HEALTH_REPORT_KEY))["workers"]

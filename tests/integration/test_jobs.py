@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from celery import Celery
 
+from contract.errors import FeatureCountMismatch, InvalidInput
+from contract.names import QUEUE_CPU, TASK_PREDICT, TASK_PREDICT_BATCH, row_queue
 from producer.client import Client
-from producer.contract import QUEUE_CPU, TASK_PREDICT, TASK_PREDICT_BATCH, row_queue
-from producer.errors import FeatureCountMismatch, InvalidInput
+from stack.processes import celery_env, worker_process
 from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel, serving
-from worker.processes import celery_env, worker_process
 
 pytestmark = pytest.mark.integration
 

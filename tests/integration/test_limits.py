@@ -12,11 +12,11 @@ import redis
 from celery import Celery
 from kombu import Connection
 
+from contract.names import TASK_PREDICT, TASK_PREDICT_BATCH, model_info_key, row_queue
 from producer.client import Client, TaskStatus
-from producer.contract import TASK_PREDICT, TASK_PREDICT_BATCH, model_info_key, row_queue
 from producer.settings import ProducerSettings
+from stack.processes import celery_env, worker_process
 from tests.support import RunningWorker, TrainedModel, serving
-from worker.processes import celery_env, worker_process
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ from pydantic import SecretStr
 
 from producer.client import Client
 from producer.connections import RedisAuthFailed, RedisTlsFailed, check_redis
-from producer.embedded_redis import EmbeddedRedis, TlsFiles, TlsUnsupported, make_tls_files
 from producer.settings import ProducerSettings, redact
+from stack.embedded_redis import EmbeddedRedis, TlsFiles, TlsUnsupported, make_tls_files
+from stack.processes import celery_env, wait_ready, worker_process
 from tests.support import TrainedModel
-from worker.processes import celery_env, wait_ready, worker_process
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,10 @@ import json
 import fakeredis
 import pytest
 
+from contract.errors import FeatureCountMismatch, ModelNotReady, TaskFailed, TooManyRows
+from contract.names import HEALTH_REPORT_KEY, QUEUE_CPU, model_info_key
+from contract.schemas import ModelInfo
 from producer.client import Client, raise_for, resolve_queue, status_from_meta
-from producer.contract import HEALTH_REPORT_KEY, QUEUE_CPU, ModelInfo, model_info_key
-from producer.errors import FeatureCountMismatch, ModelNotReady, TaskFailed, TooManyRows
 from producer.settings import ProducerSettings
 
 

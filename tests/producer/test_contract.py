@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from producer.contract import (
+from contract.errors import FeatureCountMismatch, InvalidInput, PermanentError, TooManyRows
+from contract.schemas import (
     BatchRequest,
     BatchResult,
     PredictRequest,
@@ -20,7 +21,6 @@ from producer.contract import (
     encode_f32,
     parse_request,
 )
-from producer.errors import FeatureCountMismatch, InvalidInput, PermanentError, TooManyRows
 
 
 def test_numbers_are_accepted_as_floats() -> None:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contract.errors import InvalidInput
 from producer import csv_chunks
 from producer.csv_chunks import (
     Chunk,
@@ -23,7 +24,6 @@ from producer.csv_chunks import (
     parse,
     read_header,
 )
-from producer.errors import InvalidInput
 
 
 def chunks_of(text: bytes, chunk_rows: int, read_bytes: int = 7) -> list[Chunk]:

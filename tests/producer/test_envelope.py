@@ -10,8 +10,8 @@ import pytest
 import redis
 from celery import Celery
 
-from producer.contract import TASK_PREDICT
-from producer.envelope import MessageRefused, read_task_message, task_message
+from contract.envelope import MessageRefused, read_task_message, task_message
+from contract.names import TASK_PREDICT
 
 
 def test_a_message_reads_back_with_its_id_task_kwargs_and_headers() -> None:
@@ -33,6 +33,7 @@ def test_a_message_reads_back_with_its_id_task_kwargs_and_headers() -> None:
     )
 
 
+@pytest.mark.integration  # Celery's own message, as its Redis transport writes it
 def test_the_message_has_every_field_celery_itself_sends(
     celery_sender: Celery, redis_client: redis.Redis
 ) -> None:

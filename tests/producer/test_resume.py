@@ -19,12 +19,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from contract.errors import InvalidInput, TaskFailed
+from contract.schemas import decode_f32, encode_f32
 from producer import bulk, journal
 from producer.bulk import score_csv
 from producer.cli import build_parser, cmd_score
 from producer.client import TaskError, TaskStatus
-from producer.contract import decode_f32, encode_f32
-from producer.errors import InvalidInput, TaskFailed
 from producer.journal import (
     JOURNAL_VERSION,
     Journal,

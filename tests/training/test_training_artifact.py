@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from producer.errors import ModelArtifactError
+from contract.errors import ModelArtifactError
 from training.artifact import (
     CURRENT_FILE,
     MANIFEST_FILE,

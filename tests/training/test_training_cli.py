@@ -134,8 +134,9 @@ def test_the_summary_records_the_model_goals_beside_the_manifest(
     assert summary["one_row_speedup"] == pytest.approx(sk.p50_us / ort.p50_us)
     assert summary["artifact_bytes"] == trained.manifest.files["cpu"].size_bytes
     assert summary["r2_loss"] == pytest.approx(reference - trained.manifest.metrics["r2"])
-    # Grown without limits, the forest fits its own data at least as closely.
-    assert -1 < reference <= 1
+    # Grown without limits, the forest fits its own data at least as closely (R2 is at
+    # most 1 for any model: only the lower bound tells).
+    assert trained.manifest.metrics["r2"] <= reference <= 1
 
 
 def test_tradeoff_compares_with_the_fully_grown_forest(monkeypatch) -> None:

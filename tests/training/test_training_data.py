@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from contract.errors import DataError
 from training.data import friedman1, from_csv
-from training.errors import DataError
 from training.train import TrainConfig, run_training
 
 

@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from contract.errors import ConversionMismatch, TrainingError
 from training import export, gemm, publish
 from training.artifact import CURRENT_FILE, ModelFile, load_manifest
-from training.errors import ConversionMismatch, TrainingError
 from training.train import TrainConfig, run_training
 
 

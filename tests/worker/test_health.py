@@ -7,7 +7,8 @@ import time
 import fakeredis
 import pytest
 
-from producer.contract import HEALTH_REPORT_KEY, WorkerState, worker_state_key
+from contract.names import HEALTH_REPORT_KEY, worker_state_key
+from contract.schemas import WorkerState
 from worker.health import build_report, store_report
 
 

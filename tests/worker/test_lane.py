@@ -18,27 +18,27 @@ import redis
 from celery import Celery
 from kombu import Connection
 
-from producer.contract import (
+from contract.envelope import read_task_message, task_message
+from contract.errors import FeatureCountMismatch, InvalidInput
+from contract.names import (
     TASK_NOOP,
     TASK_PREDICT,
     TASK_PREDICT_BATCH,
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
-    BatchResult,
-    PredictResult,
-    WorkerState,
-    decode_f32,
-    encode_f32,
     result_key,
 )
-from producer.envelope import read_task_message, task_message
-from producer.errors import FeatureCountMismatch, InvalidInput
+from contract.schemas import BatchResult, PredictResult, WorkerState, decode_f32, encode_f32
 from tests.support import TrainedModel
-from worker.lane import RowLane
+from worker import service
+from worker.lane import transport
+from worker.lane.server import RowLane
 from worker.model import load_model
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
 from worker.stats import Heartbeat, ProcessStats
+
+pytestmark = pytest.mark.integration
 
 QUEUE = "lane-tests.rows"
 FIVE = [0.1, 0.2, 0.3, 0.4, 0.5]
@@ -96,7 +96,9 @@ def make_lane(url: str, trained: TrainedModel, **settings: object) -> RowLane:
         )
     )
     rt = Runtime(config, load_model(config), stats, Heartbeat(fakeredis.FakeRedis(), stats, 1.0))
-    return RowLane(rt, QUEUE, "lane@tests")
+    # Result documents come from a Celery backend, as in a worker: the app's own.
+    backend = Celery("lane-tests", backend=url).backend
+    return RowLane(rt, backend, QUEUE, "lane@tests")
 
 
 def push(client: redis.Redis, kwargs: dict[str, object], task: str = TASK_PREDICT) -> str:
@@ -137,13 +139,48 @@ def test_take_holds_messages_where_kombu_restores_them(
 def test_jobs_sent_with_a_priority_are_taken_too_default_priority_first(
     client: redis.Redis, lanes: Callable[..., RowLane], lane_url: str, trained_model: TrainedModel
 ) -> None:
+    """kombu's own Redis transport puts the jobs where it keeps priorities (a stock Celery
+    client sends them): a change of kombu's layout fails here."""
     lane = lanes()
-    low_id, low = task_message(TASK_PREDICT, {"features": FIVE}, QUEUE)
-    # Where kombu's Redis transport puts a message sent with priority 6.
-    client.lpush(f"{QUEUE}\x06\x166", low)
-    plain = push(client, {"features": FIVE})
-    taken = [read_task_message(raw).task_id for _, raw in lane.take()]
-    assert taken == [plain, low_id]
+    sender = Celery("lane-tests-sender", broker=lane_url)
+    sender.conf.update(task_serializer="json")
+    try:
+        low = sender.send_task(TASK_PREDICT, kwargs={"features": FIVE}, queue=QUEUE, priority=6)
+        plain = sender.send_task(TASK_PREDICT, kwargs={"features": FIVE}, queue=QUEUE)
+    finally:
+        sender.close()
+    assert client.llen(transport.priority_lists(QUEUE)[2]) == 1  # priority 6's own list
+    taken = lane.take()
+    assert [read_task_message(raw).task_id for _, raw in taken] == [plain.id, low.id]
+    assert all(client.hexists(UNACKED_KEY, tag) for tag, _ in taken)
+
+
+def test_single_rows_have_their_results_before_a_batch_taken_with_them_runs(
+    client: redis.Redis,
+    lanes: Callable[..., RowLane],
+    trained_model: TrainedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lane = lanes()
+    single = push(client, {"features": FIVE})
+    rows = np.random.default_rng(0).uniform(size=(100_000, 5)).astype(np.float32)
+    batch = push(client, {"rows_f32": encode_f32(rows), "n_features": 5}, TASK_PREDICT_BATCH)
+    seen: dict[str, int] = {}
+    run_batch = service.predict_batch
+
+    def spy(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        seen["single's result stored"] = int(client.exists(result_key(single)))
+        seen["single acknowledged"] = int(client.hlen(UNACKED_KEY) == 1)
+        return run_batch(*args, **kwargs)
+
+    monkeypatch.setattr(service, "predict_batch", spy)
+    taken = lane.take()
+    assert [read_task_message(raw).task_id for _, raw in taken] == [single, batch]
+    lane.serve(taken)
+    assert seen == {"single's result stored": 1, "single acknowledged": 1}
+    assert meta(client, single)["status"] == "SUCCESS"
+    assert BatchResult.model_validate(meta(client, batch)["result"]).rows == 100_000
+    assert client.hlen(UNACKED_KEY) == 0
 
 
 def test_a_batch_serves_good_jobs_and_fails_bad_ones_each_with_its_own_result(
@@ -166,7 +203,7 @@ def test_a_batch_serves_good_jobs_and_fails_bad_ones_each_with_its_own_result(
         assert result.prediction == pytest.approx(float(expected), abs=1e-6)
         assert result.batch_size == 6 and result.hostname == "lane@tests"
         assert result.latency.queue_wait_ms is not None
-        assert 0 < client.ttl(result_key(task_id)) <= lane.result_ttl
+        assert 0 < client.ttl(result_key(task_id)) <= lane.transport.result_ttl
     assert meta(client, short)["result"]["exc_type"] == "FeatureCountMismatch"  # type: ignore[index]
     assert meta(client, nan)["result"]["exc_type"] == "InvalidInput"  # type: ignore[index]
     assert "inference.predict_batch jobs only" in str(meta(client, other)["result"])
@@ -332,10 +369,10 @@ def test_a_batch_the_lane_cannot_serve_fails_its_jobs_instead_of_holding_them(
 ) -> None:
     lane = lanes()
 
-    def broken() -> dict[str, object]:
+    def broken(*_: object) -> list[object]:
         raise RuntimeError("a bug in the lane")
 
-    monkeypatch.setattr(lane, "_common", broken)
+    monkeypatch.setattr(service, "predict_rows", broken)
     ids = [push(client, {"features": FIVE}) for _ in range(3)]
     lane.start()
     deadline = time.monotonic() + 10

@@ -10,13 +10,13 @@ from typing import Any
 
 import kombu.compression
 import pytest
+from celery import Celery
 from celery.signals import task_failure
 from pydantic import ValidationError
 
-from producer.contract import BatchRequest, PredictRequest, parse_request
-from producer.errors import FeatureCountMismatch, InvalidInput, MessageTooLarge, TooManyRows
-from worker import tasks
-from worker.app import app, settings
+from contract.errors import FeatureCountMismatch, InvalidInput, MessageTooLarge, TooManyRows
+from contract.schemas import BatchRequest, PredictRequest, parse_request
+from worker import guards, lifecycle, messages
 from worker.settings import WorkerSettings
 
 FIVE = [0.1, 0.2, 0.3, 0.4, 0.5]
@@ -114,21 +114,21 @@ def test_max_message_bytes_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_body_size_counts_bytes() -> None:
-    assert tasks.body_size(b"abc") == 3
-    assert tasks.body_size("abc") == 3
-    assert tasks.body_size("é" * 10) == 20  # UTF-8, not characters
-    assert tasks.body_size(None) == 0
+    assert messages.body_size(b"abc") == 3
+    assert messages.body_size("abc") == 3
+    assert messages.body_size("é" * 10) == 20  # UTF-8, not characters
+    assert messages.body_size(None) == 0
 
 
 def test_an_oversized_request_fails_with_message_too_large() -> None:
-    limit = settings.max_message_bytes
-    tasks.refuse_oversized(SimpleNamespace(inference_message_bytes=limit))
-    tasks.refuse_oversized(SimpleNamespace())  # not measured (not through the strategy)
+    limit = WorkerSettings().max_message_bytes
+    guards.refuse_oversized(SimpleNamespace(inference_message_bytes=limit))
+    guards.refuse_oversized(SimpleNamespace())  # not measured (not through the strategy)
     with pytest.raises(MessageTooLarge, match=f"of {limit + 1} bytes exceeds the maximum"):
-        tasks.refuse_oversized(SimpleNamespace(inference_message_bytes=limit + 1))
+        guards.refuse_oversized(SimpleNamespace(inference_message_bytes=limit + 1))
     # Decompression stopped at limit + 1 bytes: no size is claimed.
     with pytest.raises(MessageTooLarge) as info:
-        tasks.refuse_oversized(
+        guards.refuse_oversized(
             SimpleNamespace(inference_message_bytes=limit + 1, compression="application/x-gzip")
         )
     assert str(info.value) == f"message body exceeds the maximum of {limit} bytes"
@@ -137,9 +137,9 @@ def test_an_oversized_request_fails_with_message_too_large() -> None:
 
 @pytest.fixture
 def small_decompression_limit() -> Iterator[int]:
-    tasks.bound_decompression(4096)
+    guards.bound_decompression(4096)
     yield 4096
-    tasks.bound_decompression(settings.max_message_bytes)
+    guards.bound_decompression(WorkerSettings().max_message_bytes)
 
 
 @pytest.mark.parametrize("codec", ["gzip", "bzip2", "xz"])
@@ -159,14 +159,14 @@ def test_kombu_decompression_stops_past_the_limit(
 
 def test_a_codec_that_cannot_be_bounded_is_refused() -> None:
     kombu.compression.register(bytes, bytes, "application/x-inference-test-codec")
-    tasks.bound_decompression(settings.max_message_bytes)
+    guards.bound_decompression(WorkerSettings().max_message_bytes)
     with pytest.raises(ValueError, match="not accepted"):
         kombu.compression.decompress(b"x", "application/x-inference-test-codec")
 
 
 def celery_message(**options: Any) -> Any:
     """Headers and body exactly as Celery's own client builds them."""
-    return app.amqp.as_task_v2(
+    return Celery("limits-tests").amqp.as_task_v2(
         "4c3e1f5e-0d1e-4b53-9c59-6f2d6a0e2a10", "inference.predict",
         args=(), kwargs={"features": FIVE}, **options,
     )  # fmt: skip
@@ -175,9 +175,9 @@ def celery_message(**options: Any) -> Any:
 def test_messages_from_a_celery_client_pass_the_envelope_checks() -> None:
     for options in ({}, {"countdown": 5, "expires": 60, "time_limit": 3, "retries": 2}):
         message = celery_message(**options)
-        assert tasks.envelope_problem(message.headers) is None
-        assert tasks.body_problem(message.body) is None
-        assert tasks.body_problem(list(message.body)) is None  # as decoded from JSON
+        assert messages.envelope_problem(message.headers) is None
+        assert messages.body_problem(message.body) is None
+        assert messages.body_problem(list(message.body)) is None  # as decoded from JSON
 
 
 @pytest.mark.parametrize(
@@ -197,7 +197,7 @@ def test_messages_from_a_celery_client_pass_the_envelope_checks() -> None:
 )
 def test_envelope_problems(change: dict[str, Any], text: str) -> None:
     headers = {**celery_message().headers, **change}
-    problem = tasks.envelope_problem(headers)
+    problem = messages.envelope_problem(headers)
     assert problem is not None and text in problem
 
 
@@ -215,14 +215,15 @@ def test_envelope_problems(change: dict[str, Any], text: str) -> None:
     ],
 )
 def test_body_problems(body: Any, text: str) -> None:
-    problem = tasks.body_problem(body)
+    problem = messages.body_problem(body)
     assert problem is not None and text in problem
 
 
 def test_failures_trigger_a_full_collection_now_and_then(monkeypatch: pytest.MonkeyPatch) -> None:
+    lifecycle.connect(Celery("limits-tests"))
     collections = []
-    monkeypatch.setattr(tasks.gc, "collect", lambda *a: collections.append(a))
-    monkeypatch.setattr(tasks, "_failures_since_collect", 0)
-    for _ in range(2 * tasks.COLLECT_EVERY_FAILURES + 1):
+    monkeypatch.setattr(lifecycle.gc, "collect", lambda *a: collections.append(a))
+    monkeypatch.setattr(lifecycle, "_failures_since_collect", 0)
+    for _ in range(2 * lifecycle.COLLECT_EVERY_FAILURES + 1):
         task_failure.send(sender=None, task_id="t", exception=ValueError("x"))
     assert len(collections) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.errors import ModelArtifactError, ProviderUnavailable
+from contract.errors import ModelArtifactError, ProviderUnavailable
 from tests.support import TrainedModel
 from worker.model import CPU, check_provider, load_model
 from worker.settings import WorkerSettings

@@ -9,8 +9,8 @@ import fakeredis
 import numpy as np
 import pytest
 
-from producer.contract import BatchResult, PredictResult, WorkerState, decode_f32, encode_f32
-from producer.errors import FeatureCountMismatch, InvalidInput, TooManyRows
+from contract.errors import FeatureCountMismatch, InvalidInput, TooManyRows
+from contract.schemas import BatchResult, PredictResult, WorkerState, decode_f32, encode_f32
 from tests.support import TrainedModel
 from worker import service
 from worker.model import load_model
@@ -44,7 +44,7 @@ def test_predict_one(rt: Runtime, trained_model: TrainedModel) -> None:
     row = trained_model.X_test[3]
     enqueued = time.time() - 0.25
     result = PredictResult.model_validate(
-        service.predict_one(rt, (), {"features": row.tolist()}, enqueued, "h@t")
+        service.predict_one(rt, service.Job((), {"features": row.tolist()}, enqueued, "h@t"))
     )
     assert result.prediction == pytest.approx(
         float(trained_model.reference(row[None])[0]), abs=1e-6
@@ -57,7 +57,7 @@ def test_predict_one(rt: Runtime, trained_model: TrainedModel) -> None:
 def test_predict_batch_counts_rows(rt: Runtime, trained_model: TrainedModel) -> None:
     rows = trained_model.X_test[:10]
     result = BatchResult.model_validate(
-        service.predict_batch(rt, (), {"rows": rows.tolist()}, None, "h")
+        service.predict_batch(rt, service.Job((), {"rows": rows.tolist()}, None, "h"))
     )
     np.testing.assert_allclose(result.predictions, trained_model.reference(rows), atol=1e-6)
     assert result.latency.queue_wait_ms is None
@@ -77,7 +77,7 @@ def test_failures_are_counted(
     rt: Runtime, kwargs: dict[str, object], error: type[Exception]
 ) -> None:
     with pytest.raises(error):
-        service.predict_batch(rt, (), kwargs, None, "h")
+        service.predict_batch(rt, service.Job((), kwargs, None, "h"))
     snap = rt.stats.snapshot()
     assert (snap.jobs_done, snap.jobs_failed) == (0, 1)
 
@@ -89,13 +89,13 @@ def f32(rows: np.ndarray | list[list[float]], n_features: int | None = None) -> 
 
 def test_predict_batch_f32_answers_in_f32(rt: Runtime, trained_model: TrainedModel) -> None:
     rows = trained_model.X_test[:10]
-    raw = service.predict_batch(rt, (), f32(rows), None, "h")
+    raw = service.predict_batch(rt, service.Job((), f32(rows), None, "h"))
     assert "predictions" not in raw
     result = BatchResult.model_validate(raw)
     assert result.rows == 10 and result.predictions is None and result.predictions_f32
     got = decode_f32(result.predictions_f32, name="predictions_f32")
     # The very float32 values the JSON path gives, and the model's.
-    by_list = service.predict_batch(rt, (), {"rows": rows.tolist()}, None, "h")
+    by_list = service.predict_batch(rt, service.Job((), {"rows": rows.tolist()}, None, "h"))
     assert "predictions_f32" not in by_list
     assert got.tolist() == np.float32(by_list["predictions"]).tolist()
     np.testing.assert_array_equal(got, trained_model.reference(rows).astype(np.float32))
@@ -126,7 +126,7 @@ def test_predict_batch_f32_refusals(
     rt: Runtime, kwargs: dict[str, object], error: type[Exception], text: str
 ) -> None:
     with pytest.raises(error, match=text):
-        service.predict_batch(rt, (), kwargs, None, "h")
+        service.predict_batch(rt, service.Job((), kwargs, None, "h"))
     snap = rt.stats.snapshot()
     assert (snap.jobs_done, snap.jobs_failed) == (0, 1)
 

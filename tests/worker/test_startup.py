@@ -1,5 +1,5 @@
 """A worker refuses to start, with a message naming the cause, when its model or
-device is wrong; it never loads the model at import time."""
+device is wrong (that importing the app loads no model: test_app_module.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from contract.names import QUEUE_GPU
 from producer.client import Client
-from producer.contract import QUEUE_GPU
+from stack.processes import celery_env, wait_ready, worker_process
 from tests.support import TrainedModel
-from worker.processes import celery_env, wait_ready, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -111,19 +111,3 @@ def test_explicit_cpu_fallback_serves_and_says_so(
     assert result["hostname"] == hostname
     assert result["provider"] == "CPUExecutionProvider"
     assert result["device"] == "cpu (fallback: no CUDA)"
-
-
-def test_importing_the_app_loads_no_model(tmp_path: Path) -> None:
-    code = (
-        "import time, worker, worker.runtime as r\n"
-        "assert r._current is None\n"
-        "print(sorted(t for t in worker.app.tasks if t.startswith('inference.')))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env={"INFERENCE_MODEL_DIR": str(tmp_path / "absent"), "PATH": ""},
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    tasks = "'inference.health', 'inference.noop', 'inference.predict', 'inference.predict_batch'"
-    assert tasks in proc.stdout

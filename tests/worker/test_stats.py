@@ -5,7 +5,8 @@ import time
 
 import fakeredis
 
-from producer.contract import WorkerState, worker_state_key
+from contract.names import worker_state_key
+from contract.schemas import WorkerState
 from worker.stats import WINDOW, Heartbeat, ProcessStats
 
 

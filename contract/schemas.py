@@ -1,9 +1,7 @@
-"""The wire contract between producers and workers.
+"""The request and result schemas of the task contract (pydantic), and their checks.
 
-Task names, queue names, request and result schemas and Redis key names live
-here and nowhere else: the producer, the worker and the tests import them.
-Only plain JSON crosses the queue (float32 rows and predictions travel in it as
-base64 text: encode_f32 / decode_f32).
+Only plain JSON crosses the queue (float32 rows and predictions travel in it as base64
+text: encode_f32 / decode_f32).
 """
 
 from __future__ import annotations
@@ -17,80 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from producer.errors import FeatureCountMismatch, InvalidInput, TooManyRows
-
-TASK_PREDICT = "inference.predict"
-TASK_PREDICT_BATCH = "inference.predict_batch"
-TASK_HEALTH = "inference.health"
-# Does nothing: Celery's own cost per message, the baseline the benchmark compares with.
-TASK_NOOP = "inference.noop"
-
-QUEUE_CPU = "inference.cpu"
-QUEUE_GPU = "inference.gpu"
-QUEUES: dict[str, str] = {"cpu": QUEUE_CPU, "gpu": QUEUE_GPU}
-
-# Single-row jobs (inference.predict) go to their own queue beside each of these, where
-# every worker process takes them in batches (worker.lane); the queues above carry the
-# rest (batches, health) through Celery's own consumer.
-ROW_QUEUE_SUFFIX = ".rows"
-
-
-def row_queue(queue: str) -> str:
-    """The single-row queue that goes with `queue` (itself if it already is one)."""
-    return queue if queue.endswith(ROW_QUEUE_SUFFIX) else f"{queue}{ROW_QUEUE_SUFFIX}"
-
-
-def queue_for(task: str, queue: str) -> str:
-    """Where a `task` for the workers of `queue` is sent."""
-    return row_queue(queue) if task == TASK_PREDICT else queue
-
-
-# Optional message header (Unix seconds, float) set by the producer when it
-# enqueues; the worker turns it into the queue-wait latency.
-HEADER_ENQUEUED_AT = "enqueued_at"
-
-# Redis keys, all in the result-backend database.
-HEALTH_REPORT_KEY = "inference:health:report"
-WORKER_STATE_PREFIX = "inference:worker:"
-MODEL_INFO_PREFIX = "inference:model:info:"
-
-# kombu's Redis transport (broker database): each queue is a list of that name; a message
-# delivered and not yet acknowledged is kept in UNACKED_KEY (tag -> [message, exchange,
-# routing key]) and UNACKED_INDEX_KEY (tag scored by delivery time), from where it is
-# handed back to its queue once the visibility timeout has passed.
-UNACKED_KEY = "unacked"
-UNACKED_INDEX_KEY = "unacked_index"
-
-
-# Where Celery's Redis result backend keeps a task's result document.
-RESULT_KEY_PREFIX = "celery-task-meta-"
-
-
-def result_key(task_id: str) -> str:
-    return f"{RESULT_KEY_PREFIX}{task_id}"
-
-
-def model_info_key(queue: str) -> str:
-    """Where the workers of `queue` publish what they serve (ModelInfo): per queue, since
-    workers of different queues may serve other models or limits."""
-    return f"{MODEL_INFO_PREFIX}{queue}"
-
-
-def batch_bucket(size: int) -> str:
-    """The key of WorkerState.batch_sizes a batch of `size` jobs counts under: power-of-two
-    buckets "1", "2-3", "4-7", "8-15"..."""
-    low = 1 << (max(size, 1).bit_length() - 1)
-    return "1" if low == 1 else f"{low}-{2 * low - 1}"
-
-
-def bucket_low(key: str) -> int:
-    """The smallest batch size of a batch_bucket key, to order buckets by size."""
-    return int(key.split("-")[0])
-
-
-def worker_state_key(hostname: str, pid: int) -> str:
-    return f"{WORKER_STATE_PREFIX}{hostname}:{pid}"
-
+from contract.errors import FeatureCountMismatch, InvalidInput, TooManyRows
 
 # A feature value: a real, finite number. Strict, so "1.5" or true is refused
 # rather than silently coerced; JSON integers are accepted as numbers.
@@ -247,44 +172,54 @@ class LatencySummary(BaseModel):
     p95_ms: float | None
     p99_ms: float | None
 
+    @classmethod
+    def of(cls, samples_ms: Sequence[float]) -> LatencySummary:
+        """Percentiles of `samples_ms`, rounded to the microsecond; numpy's linear
+        interpolation keeps p50 <= p95 <= p99."""
+        if len(samples_ms) == 0:
+            return cls(count=0, p50_ms=None, p95_ms=None, p99_ms=None)
+        p50, p95, p99 = np.percentile(np.asarray(samples_ms, dtype=np.float64), [50, 95, 99])
+        return cls(
+            count=len(samples_ms),
+            p50_ms=round(float(p50), 3),
+            p95_ms=round(float(p95), 3),
+            p99_ms=round(float(p99), 3),
+        )
 
-class WorkerState(BaseModel):
-    """One worker process's state, refreshed by the process itself (a heartbeat with a TTL)."""
+
+class _Serving(BaseModel):
+    """What a worker process, or a whole worker, serves and has served."""
 
     hostname: str
-    pid: int
     queues: list[str]
     pool: str
     model_name: str
     model_version: str
     provider: str
     device: str
-    started_at: float
-    updated_at: float
     jobs_done: int = 0
     jobs_failed: int = 0
     rows_done: int = 0
-    # Recent task times (ms), newest last, bounded; the health task merges them.
+    batch_sizes: dict[str, int] = Field(default_factory=dict)
+    """Batches of single-row jobs predicted together, by size bucket: "1", "2-3", "4-7"..."""
+
+
+class WorkerState(_Serving):
+    """One worker process's state, refreshed by the process itself (a heartbeat with a TTL)."""
+
+    pid: int
+    started_at: float
+    updated_at: float
     recent_task_ms: list[float] = Field(default_factory=list)
-    # Batches of single-row jobs predicted together, by size bucket: "1", "2-3", "4-7"...
-    batch_sizes: dict[str, int] = Field(default_factory=dict)
+    """Recent task times (ms), newest last, bounded; the health task merges them."""
 
 
-class WorkerHealth(BaseModel):
-    hostname: str
+class WorkerHealth(_Serving):
+    """One worker in the health report: its live processes' states merged (model_version,
+    provider and device list every value its processes have, comma-separated)."""
+
     processes: int
-    queues: list[str]
-    pool: str
-    model_name: str
-    model_version: str
-    provider: str
-    device: str
-    jobs_done: int
-    jobs_failed: int
-    rows_done: int
     latency: LatencySummary
-    batch_sizes: dict[str, int] = Field(default_factory=dict)
-    """Single-row batches by size bucket, summed over the worker's processes."""
     uptime_s: float
     last_seen_s: float
 

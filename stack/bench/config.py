@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from contract.schemas import LatencySummary
+
 FULL = {
     "single_jobs": 300,
     "sustained_jobs": 3_000,
@@ -29,10 +31,6 @@ QUICK = {
     "bulk_rows": 20_000,
     "inprocess_rows": 8_192,
 }
-
-
-class BenchError(RuntimeError):
-    """The bench cannot run here: no workers, no model info, a worker that will not start."""
 
 
 @dataclass(frozen=True)
@@ -66,16 +64,10 @@ class BenchConfig:
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, Any]:
-    """Percentiles in ms; numpy's linear interpolation keeps p50 <= p95 <= p99."""
-    if not seconds:
-        return {"count": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None}
+    """Percentiles in ms (contract's LatencySummary, as the health report has them), with the
+    mean and the maximum."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return {
-        "count": len(ms),
-        "p50_ms": float(p50),
-        "p95_ms": float(p95),
-        "p99_ms": float(p99),
-        "mean_ms": float(ms.mean()),
-        "max_ms": float(ms.max()),
-    }
+    summary = LatencySummary.of(ms.tolist()).model_dump()
+    if not len(ms):
+        return {**summary, "mean_ms": None}
+    return {**summary, "mean_ms": float(ms.mean()), "max_ms": float(ms.max())}

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from producer.bench_config import BenchConfig, latency_summary
-from producer.bench_report import cpu_cores
 from producer.bulk import PREDICTION_COLUMN, score_csv
 from producer.client import Client
+from stack.bench.config import BenchConfig, latency_summary
+from stack.bench.report import cpu_cores
 
 ONE_ROW_CALLS = 200
 ONE_ROW_WARMUP = 20
@@ -66,7 +66,7 @@ def find_local_model(
         return None, "onnxruntime is not installed here (pip install '.[worker]')"
     if model_dir is None:
         return None, "no --model-dir: the served model's file is needed to run it here"
-    from producer.errors import ModelArtifactError
+    from contract.errors import ModelArtifactError
     from training.artifact import load_manifest, verified_model_path
 
     try:

@@ -1,24 +1,24 @@
-"""The Celery application and its configuration, built from WorkerSettings."""
+"""The Celery application and its configuration, built from WorkerSettings.
+
+`celery -A worker` imports this module (Celery's `proj/celery.py` layout); it is the only
+module of `worker` whose import builds anything. Tasks come in through `include`, process
+start-up through lifecycle's signal handlers; patches to kombu wait for `worker_init`.
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 
+from contract.names import QUEUE_CPU, TASK_HEALTH, TASK_PREDICT, TASK_PREDICT_BATCH, row_queue
 from producer.connections import celery_ssl_options
-from producer.contract import (
-    QUEUE_CPU,
-    TASK_HEALTH,
-    TASK_PREDICT,
-    TASK_PREDICT_BATCH,
-    row_queue,
+from worker import lifecycle
+from worker.settings import load
+
+settings = load()
+
+app = Celery(
+    "inference", broker=settings.broker, backend=settings.backend, include=["worker.tasks"]
 )
-from worker import kombu_fixes
-from worker.settings import WorkerSettings
-
-settings = WorkerSettings()
-kombu_fixes.apply()
-
-app = Celery("inference", broker=settings.broker, backend=settings.backend)
 app.conf.update(
     # Only JSON crosses the queue; a pickled message is refused, never deserialized.
     task_serializer="json",
@@ -66,11 +66,8 @@ app.conf.update(
     },
     worker_hijack_root_logger=True,
     # A message Celery's consumer cannot handle is dropped (and failed if it has an id)
-    # instead of stopping the worker or stalling the queue: see worker.tasks.GuardedConsumer.
-    worker_consumer="worker.tasks:GuardedConsumer",
+    # instead of stopping the worker or stalling the queue: see worker.guards.GuardedConsumer.
+    worker_consumer="worker.guards:GuardedConsumer",
 )
 app.conf.update(celery_ssl_options(settings))
-
-# Tasks and process lifecycle hooks register themselves on import.
-import worker.lifecycle  # noqa: E402
-import worker.tasks  # noqa: E402, F401
+lifecycle.connect(app)

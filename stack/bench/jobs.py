@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from producer.bench_config import latency_summary
+from contract.names import TASK_NOOP, TASK_PREDICT, batch_bucket, result_key
 from producer.client import Client, TaskStatus
-from producer.contract import TASK_NOOP, TASK_PREDICT, batch_bucket, result_key
 from producer.settings import ProducerSettings
+from stack.bench.config import latency_summary
 
 WARMUP_JOBS = 10
 """Unmeasured round trips per task before the sequential ones: connections, imports and

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from producer.contract import WORKER_STATE_PREFIX
+from worker.health import live_states
 
 
 class CeleryProcess:
@@ -113,11 +113,10 @@ def wait_ready(
 ) -> None:
     """Block until `processes` processes of worker `hostname` have loaded their model."""
     deadline = time.monotonic() + timeout_s
-    pattern = f"{WORKER_STATE_PREFIX}{hostname}:*"
     while True:
         if not worker.running:
             raise RuntimeError(f"worker {hostname} exited:\n{worker.log_tail()}")
-        if sum(1 for _ in client.scan_iter(match=pattern)) >= processes:
+        if len(live_states(client, hostname=hostname)) >= processes:
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"worker {hostname} not ready in {timeout_s}s:\n{worker.log_tail()}")

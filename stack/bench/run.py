@@ -1,8 +1,8 @@
-"""`python -m producer bench`: how fast the queue serves, against what the model allows.
+"""`python -m stack.bench`: how fast the queue serves, against what the model allows.
 
 Against a deployment (REDIS_URL set, workers running), or with `--embedded` against a
 private redis-server and a CPU worker it starts itself (training a model first if
-`--model-dir` has none), it measures in one run (producer.bench_jobs, producer.bench_local):
+`--model-dir` has none), it measures in one run (stack.bench.jobs, stack.bench.local):
 
 1. single-row round trips, one at a time: `inference.predict` and the no-op task
    `inference.noop` (Celery's own cost per message), interleaved so that both see the
@@ -25,157 +25,45 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 
-from producer.bench_config import FULL, QUICK, BenchConfig, BenchError, latency_summary
-from producer.bench_jobs import (
+from contract.errors import BenchError
+from contract.names import TASK_NOOP
+from producer.client import Client, resolve_queue
+from producer.settings import ProducerSettings, redact
+from stack.bench.config import FULL, QUICK, BenchConfig, latency_summary
+from stack.bench.deployment import Deployment, embedded
+from stack.bench.jobs import (
     WARMUP_JOBS,
     batch_jobs,
     probe_noop,
     single_row,
     sustained,
 )
-from producer.bench_local import (
+from stack.bench.local import (
     bulk,
     find_local_model,
     inprocess,
     training_summary,
 )
-from producer.bench_report import (
+from stack.bench.report import (
     compute_goals,
     compute_ratios,
-    cpu_cores,
     format_report,
     machine_info,
 )
-from producer.client import Client, resolve_queue
-from producer.contract import TASK_NOOP, WORKER_STATE_PREFIX, WorkerState
-from producer.settings import ProducerSettings, redact
+from worker.health import live_states
 
 REPORT_VERSION = 1
-READY_TIMEOUT_S = 120.0
-
-
-# -- where the workers are -----------------------------------------------------------------
-
-
-def live_workers(client: Client, queue: str) -> list[WorkerState]:
-    states: list[WorkerState] = []
-    for key in client.redis.scan_iter(match=f"{WORKER_STATE_PREFIX}*", count=500):
-        raw = client.redis.get(key)
-        if raw is None:
-            continue
-        try:
-            state = WorkerState.model_validate_json(raw)
-        except ValueError:
-            continue
-        if queue in state.queues:
-            states.append(state)
-    return states
-
-
-def ensure_model(model_dir: Path, name: str, say: Callable[[str], None]) -> float | None:
-    """Seconds spent training, or None when a model was there already."""
-    from training.artifact import CURRENT_FILE
-
-    if (model_dir / name / CURRENT_FILE).exists():
-        return None
-    say(f"no model under {model_dir}/{name}: training one (python -m training defaults)")
-    try:
-        from training.train import TrainConfig, run_training
-    except ImportError as exc:
-        raise BenchError(
-            f"cannot train a model: {exc} (pip install '.[training]', or pass --model-dir "
-            "with a trained model)"
-        ) from None
-    from training.bench import record_goals
-
-    start = time.perf_counter()
-    config = TrainConfig(model_dir=model_dir, name=name)
-    # With its model goals (P4), as `python -m training` does.
-    record_goals(config, run_training(config), out=say)
-    return time.perf_counter() - start
-
-
-@dataclass
-class Deployment:
-    settings: ProducerSettings
-    mode: str
-    worker: dict[str, Any]
-
-
-@contextlib.contextmanager
-def embedded(
-    config: BenchConfig, model_dir: Path, log_dir: Path, say: Callable[[str], None]
-) -> Iterator[Deployment]:
-    """A private redis-server and one prefork CPU worker, stopped on the way out."""
-    from producer.embedded_redis import EmbeddedRedis
-    from worker.processes import celery_env, wait_ready, worker_process
-
-    queue = resolve_queue(config.queue)
-    processes = config.processes or cpu_cores()
-    training_s = ensure_model(model_dir, config.model_name, say)
-    with EmbeddedRedis() as server:
-        say(f"private redis-server on {server.url}")
-        env = celery_env(
-            server.url,
-            model_dir=model_dir.resolve(),
-            model_name=config.model_name,
-            intra_op_threads=1,
-        )
-        # Overrides meant for a real deployment would point the worker elsewhere.
-        for name in ("INFERENCE_BROKER_URL", "INFERENCE_RESULT_BACKEND", "INFERENCE_MODEL_VERSION"):
-            env.pop(name, None)
-        hostname = f"bench-{os.getpid()}@{socket.gethostname()}"
-        log_path = log_dir / "bench-worker.log"
-        worker = worker_process(
-            env,
-            log_path,
-            queue=queue,
-            name=hostname,
-            concurrency=processes,
-            loglevel=config.worker_loglevel,
-        )
-        say(f"starting a CPU worker ({processes} prefork processes); log {log_path}")
-        probe = redis.Redis.from_url(server.url)
-        start = time.perf_counter()
-        worker.start()
-        try:
-            try:
-                wait_ready(worker, probe, hostname, processes, timeout_s=READY_TIMEOUT_S)
-            except (RuntimeError, TimeoutError) as exc:
-                raise BenchError(str(exc)) from None
-            finally:
-                probe.close()
-            ready_s = time.perf_counter() - start
-            settings = ProducerSettings(redis_url=server.url, broker_url=None, result_backend=None)
-            yield Deployment(
-                settings,
-                "embedded",
-                {
-                    "hostnames": [hostname],
-                    "processes": processes,
-                    "pool": "prefork",
-                    "intra_op_threads": 1,
-                    "loglevel": config.worker_loglevel,
-                    "start_to_ready_s": ready_s,
-                    "training_s": training_s,
-                    "log": str(log_path),
-                },
-            )
-        finally:
-            worker.stop()
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -197,7 +85,7 @@ def measure(
     info = client.model_info(queue, refresh=True)
     if info is None:
         raise BenchError("no model info in Redis: no worker has ever started against it")
-    workers = live_workers(client, queue)
+    workers = live_states(client.redis, queue=queue)
     if not workers:
         raise BenchError(f"no live worker consumes {queue}: start one, or use --embedded")
     n = info.n_features
@@ -450,7 +338,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m producer bench",
+        prog="python -m stack.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -26,13 +27,7 @@ from urllib.parse import quote
 
 import redis
 
-
-class RedisServerExited(RuntimeError):
-    """redis-server exited before it answered (bad configuration, unsupported option)."""
-
-
-class TlsUnsupported(RuntimeError):
-    """No redis-server here can serve TLS, or no openssl to make certificates with."""
+from contract.errors import RedisServerExited, TlsUnsupported
 
 
 def redis_server_binaries() -> list[str]:
@@ -83,15 +78,20 @@ class TlsFiles:
 
 
 def make_tls_files(directory: Path, days: int = 2) -> TlsFiles:
-    """Generate a self-signed CA and certificates it signs, with the openssl CLI.
+    """Generate a throwaway CA and the certificates it signs, with trustme.
 
-    Keys are EC P-256, which openssl makes in milliseconds. The extensions are the ones
-    strict verifiers (Python 3.13's VERIFY_X509_STRICT) insist on: a critical CA basic
-    constraint, key usages and key identifiers.
+    trustme is a test-only dependency (the dev extra): the demo imports this module at
+    run time without it, so it is imported here, not at the top. Its certificates carry
+    the extensions strict verifiers (Python 3.13's VERIFY_X509_STRICT) insist on: a
+    critical CA basic constraint, key usages and key identifiers.
     """
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise TlsUnsupported("no openssl command to generate test certificates with")
+    try:
+        import trustme
+    except ImportError as exc:
+        raise TlsUnsupported(
+            "no trustme to generate test certificates with: install the dev extra "
+            "(pip install '.[dev]')"
+        ) from exc
     directory.mkdir(parents=True, exist_ok=True)
     files = TlsFiles(
         ca_cert=directory / "ca.crt",
@@ -100,44 +100,19 @@ def make_tls_files(directory: Path, days: int = 2) -> TlsFiles:
         client_cert=directory / "client.crt",
         client_key=directory / "client.key",
     )
-    ca_key = directory / "ca.key"
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-    def run(*args: str) -> None:
-        proc = subprocess.run(
-            [openssl, *args], capture_output=True, text=True, check=False, cwd=directory
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"openssl {args[0]} failed: {proc.stderr.strip()}")
-
-    run(
-        "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(files.ca_cert),
-        "-days", str(days), "-subj", "/CN=queue-inference test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        "-addext", "subjectKeyIdentifier=hash",
-    )  # fmt: skip
-    leaves = [
-        ("server", files.server_cert, files.server_key, "serverAuth", "/CN=127.0.0.1"),
-        ("client", files.client_cert, files.client_key, "clientAuth", "/CN=inference-client"),
-    ]
-    for serial, (name, cert, key, usage, subject) in enumerate(leaves, start=1):
-        csr = directory / f"{name}.csr"
-        ext = directory / f"{name}.ext"
-        ext.write_text(
-            "basicConstraints=critical,CA:FALSE\n"
-            "keyUsage=critical,digitalSignature,keyAgreement\n"
-            f"extendedKeyUsage={usage}\n"
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-            "subjectKeyIdentifier=hash\n"
-            "authorityKeyIdentifier=keyid,issuer\n"
-        )
-        run("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", subject)
-        run(
-            "x509", "-req", "-in", str(csr), "-CA", str(files.ca_cert), "-CAkey", str(ca_key),
-            "-set_serial", str(serial), "-days", str(days), "-out", str(cert),
-            "-extfile", str(ext),
-        )  # fmt: skip
+    not_after = datetime.now(UTC) + timedelta(days=days)
+    ca = trustme.CA(organization_unit_name="queue-inference test CA")
+    # trustme gives every leaf both serverAuth and clientAuth: the server's is verified by
+    # the clients (URL host 127.0.0.1), the client's by redis-server (tls-auth-clients).
+    server = ca.issue_cert("127.0.0.1", "localhost", common_name="127.0.0.1", not_after=not_after)
+    client = ca.issue_cert("inference-client", common_name="inference-client", not_after=not_after)
+    ca.cert_pem.write_to_path(str(files.ca_cert))
+    for leaf, cert, key in (
+        (server, files.server_cert, files.server_key),
+        (client, files.client_cert, files.client_key),
+    ):
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
     return files
 
 

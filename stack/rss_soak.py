@@ -7,8 +7,8 @@ worker's main process and of its pool processes after a warm-up, every --report-
 jobs and at the end, with the throughput. The model is --model-dir's, or a small one
 trained for the run (3,000 rows).
 
-    .venv/bin/python scripts/rss_soak.py --jobs 100000
-    REDIS_URL=redis://127.0.0.1:6379/0 .venv/bin/python scripts/rss_soak.py --model-dir models
+    .venv/bin/python -m stack.rss_soak --jobs 100000
+    REDIS_URL=redis://127.0.0.1:6379/0 .venv/bin/python -m stack.rss_soak --model-dir models
 
 Exit status 1 if any job failed or RSS grew by more than --max-growth-mib after the warm-up.
 """
@@ -24,9 +24,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-# Run as a file (python scripts/rss_soak.py): the project root is not on sys.path then.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MIB = 1024 * 1024
 
@@ -69,7 +66,7 @@ def _redis_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from producer.embedded_redis import EmbeddedRedis
+    from stack.embedded_redis import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         yield server.url
@@ -103,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import redis
 
+    from contract.names import TASK_PREDICT
     from producer.client import Client
-    from producer.contract import TASK_PREDICT
     from producer.settings import ProducerSettings
-    from worker.processes import celery_env, wait_ready, worker_process
+    from stack.processes import celery_env, wait_ready, worker_process
 
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(contextlib.contextmanager(_redis_url)())

@@ -1,8 +1,8 @@
 """GPU vs CPU worker throughput through the queue, node placement, and accuracy.
 
-Run by scripts/gpu_check.sh on a machine with an NVIDIA GPU (it also runs without
-one, with --allow-cpu-fallback, to check the script itself). It trains a model
-(or uses --model-dir), starts a private Redis, a GPU worker (-P solo,
+Run as `python -m stack.gpu_check` by scripts/gpu_check.sh on a machine with an NVIDIA
+GPU (it also runs without one, with --allow-cpu-fallback, to check the script itself).
+It trains a model (or uses --model-dir), starts a private Redis, a GPU worker (-P solo,
 INFERENCE_PROVIDER=cuda) and a CPU worker (prefork, 2 processes pinned to 2
 cores, like the 2-core CPU machine), sends predict_batch jobs of 1 to 65,536
 rows to each queue, and writes the figures to OUT/gpu_check.json.
@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import redis
 
+from contract.names import TASK_PREDICT_BATCH
+from contract.schemas import HealthReport
 from producer.client import Client
-from producer.contract import TASK_PREDICT_BATCH, HealthReport
-from producer.embedded_redis import EmbeddedRedis
 from producer.settings import ProducerSettings
+from stack.embedded_redis import EmbeddedRedis
+from stack.processes import celery_env, wait_ready, worker_process
 from training.artifact import load_manifest
 from worker.health import build_report
-from worker.processes import celery_env, wait_ready, worker_process
 
 BATCHES = [1, 16, 256, 4_096, 65_536]
 

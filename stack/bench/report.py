@@ -1,6 +1,6 @@
 """The benchmark's report: the machine it ran on, the goal ratios, and the printed table.
 
-Pure functions over the JSON document `producer.bench` builds, so the figures printed
+Pure functions over the JSON document `stack.bench.run` builds, so the figures printed
 are exactly the ones written, and a ratio can be checked against its own inputs.
 """
 

@@ -1,4 +1,4 @@
-"""The whole system on one machine: `python -m worker.demo`.
+"""The whole system on one machine: `python -m stack.demo`.
 
 Trains a model if none exists, starts Redis (a private one unless REDIS_URL is
 set), a CPU worker and beat, sends sample jobs and a bulk file through the
@@ -22,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from contract.names import HEALTH_REPORT_KEY, TASK_PREDICT
+from contract.schemas import HealthReport
 from producer.bulk import score_csv
-from producer.cli import format_health
 from producer.client import Client
-from producer.contract import HEALTH_REPORT_KEY, TASK_PREDICT, HealthReport
-from producer.embedded_redis import EmbeddedRedis
+from producer.health import format_health
 from producer.settings import ProducerSettings, redact
-from training.artifact import CURRENT_FILE
-from worker.processes import beat_process, celery_env, wait_ready, worker_process
+from stack.embedded_redis import EmbeddedRedis
+from stack.processes import beat_process, celery_env, wait_ready, worker_process
+from training.ensure import ensure_model
 
 
 def say(text: str) -> None:
@@ -46,24 +47,6 @@ def redis_server() -> Iterator[str]:
     with EmbeddedRedis() as server:
         say(f"started a private redis-server on {redact(server.url)}")
         yield server.url
-
-
-def ensure_model(model_dir: Path, name: str) -> None:
-    if (model_dir / name / CURRENT_FILE).exists():
-        say(f"serving the existing model under {model_dir}/{name}")
-        return
-    say(f"no model under {model_dir}/{name}: training one (python -m training)")
-    from training.bench import record_goals
-    from training.train import TrainConfig, run_training
-
-    config = TrainConfig(model_dir=model_dir, name=name)
-    outcome = run_training(config, log=print)
-    m = outcome.manifest
-    print(
-        f"trained {m.name}/{m.version}: R2={m.metrics.get('r2'):.4f} MAE={m.metrics.get('mae'):.4f}"
-    )
-    # The model goals beside the manifest, as `python -m training` writes them (P4 of the bench).
-    record_goals(config, outcome)
 
 
 def write_sample_csv(path: Path, rows: int, n_features: int, names: list[str]) -> np.ndarray:
@@ -95,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir)
-    ensure_model(model_dir, args.model_name)
+    if not ensure_model(model_dir, args.model_name, log=print):
+        say(f"serving the existing model under {model_dir}/{args.model_name}")
 
     with redis_server() as url:
         env = celery_env(
@@ -175,14 +159,14 @@ def demo_jobs(
 
         say("health report (celery beat -> inference.health)")
         report = wait_for_health(client, hostname, since, timeout_s=args.health_interval * 4 + 30)
-        print(format_health(report.model_dump()))
+        print(format_health(report))
         if args.json:
             print(json.dumps(report.model_dump(), indent=2))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m stack.demo", description=__doc__)
     parser.add_argument("--model-dir", default=os.environ.get("INFERENCE_MODEL_DIR", "models"))
     parser.add_argument("--model-name", default=os.environ.get("INFERENCE_MODEL_NAME", "friedman1"))
     parser.add_argument("--out-dir", default="out/demo", help="logs, sample and scored CSV")

@@ -5,7 +5,7 @@ kombu's envelope (properties, base64 body), pushed with LPUSH onto the list name
 queue. Building it here costs ~20 us instead of ~800 us through `Celery.send_task`, and it is
 what Celery sends, except that the body is plain JSON text rather than base64: a stock Celery
 worker consumes it, and a client in any language can produce it from this description
-(README, "The task contract").
+(docs/contract.md, "The message").
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import socket
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from contract.errors import MessageRefused
 
 # The embed Celery sends with a task that is part of no workflow.
 _NO_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -39,7 +41,7 @@ def task_message(
     # typed error in the result, rather than the producer failing to send.
     body = json.dumps([[], kwargs, _NO_EMBED], separators=(",", ":"))
     # Properties, then headers, then the body: the worker's take script finds the delivery
-    # tag near the start without reading through a large body (worker.lane).
+    # tag near the start without reading through a large body (worker/lane/take.lua).
     message = {
         "properties": {
             "correlation_id": task_id,
@@ -99,14 +101,6 @@ class TaskMessage:
     @property
     def task(self) -> Any:
         return self.headers.get("task")
-
-
-class MessageRefused(ValueError):
-    """A message that is not a JSON task message; `headers` holds what could be read."""
-
-    def __init__(self, reason: str, headers: dict[str, Any] | None = None) -> None:
-        super().__init__(reason)
-        self.headers = headers or {}
 
 
 def read_task_message(raw: bytes | str) -> TaskMessage:

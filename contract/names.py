@@ -1,0 +1,78 @@
+"""Names both sides agree on: tasks, queues, message headers and Redis keys.
+
+Producer and worker import them from here; nothing else spells them.
+"""
+
+from __future__ import annotations
+
+TASK_PREDICT = "inference.predict"
+TASK_PREDICT_BATCH = "inference.predict_batch"
+TASK_HEALTH = "inference.health"
+# Does nothing: Celery's own cost per message, the baseline the benchmark compares with.
+TASK_NOOP = "inference.noop"
+
+QUEUE_CPU = "inference.cpu"
+QUEUE_GPU = "inference.gpu"
+QUEUES: dict[str, str] = {"cpu": QUEUE_CPU, "gpu": QUEUE_GPU}
+
+# Single-row jobs (inference.predict) go to their own queue beside each of these, where
+# every worker process takes them in batches (worker.lane); the queues above carry the
+# rest (batches, health) through Celery's own consumer.
+ROW_QUEUE_SUFFIX = ".rows"
+
+
+def row_queue(queue: str) -> str:
+    """The single-row queue that goes with `queue` (itself if it already is one)."""
+    return queue if queue.endswith(ROW_QUEUE_SUFFIX) else f"{queue}{ROW_QUEUE_SUFFIX}"
+
+
+def queue_for(task: str, queue: str) -> str:
+    """Where a `task` for the workers of `queue` is sent."""
+    return row_queue(queue) if task == TASK_PREDICT else queue
+
+
+# Optional message header (Unix seconds, float) set by the producer when it
+# enqueues; the worker turns it into the queue-wait latency.
+HEADER_ENQUEUED_AT = "enqueued_at"
+
+# Redis keys, all in the result-backend database.
+HEALTH_REPORT_KEY = "inference:health:report"
+WORKER_STATE_PREFIX = "inference:worker:"
+MODEL_INFO_PREFIX = "inference:model:info:"
+
+# kombu's Redis transport (broker database): each queue is a list of that name; a message
+# delivered and not yet acknowledged is kept in UNACKED_KEY (tag -> [message, exchange,
+# routing key]) and UNACKED_INDEX_KEY (tag scored by delivery time), from where it is
+# handed back to its queue once the visibility timeout has passed.
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+
+
+# Where Celery's Redis result backend keeps a task's result document.
+RESULT_KEY_PREFIX = "celery-task-meta-"
+
+
+def result_key(task_id: str) -> str:
+    return f"{RESULT_KEY_PREFIX}{task_id}"
+
+
+def model_info_key(queue: str) -> str:
+    """Where the workers of `queue` publish what they serve (ModelInfo): per queue, since
+    workers of different queues may serve other models or limits."""
+    return f"{MODEL_INFO_PREFIX}{queue}"
+
+
+def batch_bucket(size: int) -> str:
+    """The key of WorkerState.batch_sizes a batch of `size` jobs counts under: power-of-two
+    buckets "1", "2-3", "4-7", "8-15"..."""
+    low = 1 << (max(size, 1).bit_length() - 1)
+    return "1" if low == 1 else f"{low}-{2 * low - 1}"
+
+
+def bucket_low(key: str) -> int:
+    """The smallest batch size of a batch_bucket key, to order buckets by size."""
+    return int(key.split("-")[0])
+
+
+def worker_state_key(hostname: str, pid: int) -> str:
+    return f"{WORKER_STATE_PREFIX}{hostname}:{pid}"

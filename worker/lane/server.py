@@ -1,0 +1,261 @@
+"""The row lane's server: a thread in each worker process that takes jobs off <queue>.rows
+many at a time, predicts the single-row ones together and runs each batch job on its own.
+
+Celery spends about a millisecond of CPU on every message (receive, a Request, the pool
+hand-off, an acknowledgement, a result write, each its own Redis round trip), while one
+row costs the model ~20 us. Here the process that holds the model takes up to
+`row_batch_max` messages in one Redis call (worker.lane.transport), predicts the single
+rows with one onnxruntime call and writes their results and acknowledgements in one
+pipeline. Each job stays its own Celery task: same task name, same message, its own result
+document (worker.results), so a producer polls it, or waits with AsyncResult.get(), as before.
+
+Batch jobs (inference.predict_batch) sent here skip Celery's consumer too: the bulk scorer
+sends its chunks here, where a 20,000-row chunk costs no Celery message handling in the
+worker's main process nor its pool hand-off (~7 ms a chunk). They run the same code as on
+Celery's path (worker.service), without Celery's time limits, after the single rows taken
+with them have their results: a row never waits for a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from contract.envelope import read_task_message
+from contract.errors import (
+    InferenceError,
+    InvalidInput,
+    MessageRefused,
+    MessageTooLarge,
+    TaskFailed,
+)
+from contract.names import HEADER_ENQUEUED_AT, TASK_PREDICT, TASK_PREDICT_BATCH
+from contract.schemas import PredictRequest
+from worker import results, service
+from worker.lane.transport import RowTransport, task_id_in_head
+from worker.messages import body_problem, envelope_problem
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Job:
+    tag: str
+    task_id: str | None
+    headers: dict[str, Any]
+    features: list[float] | None = None
+    batch: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    """args and kwargs of an inference.predict_batch job."""
+    error: InferenceError | None = None
+    revoked: bool = False
+
+
+def _bare(exc: InferenceError) -> InferenceError:
+    # Kept without its traceback: its frames hold the job that holds it, a cycle that only a
+    # full garbage collection would free (a pool process's RSS grew ~30 MB over a few
+    # thousand bad jobs).
+    exc = exc.with_traceback(None)
+    exc.__context__ = None
+    return exc
+
+
+class RowLane:
+    """Takes batches of jobs off one queue until stopped. One per queue and process."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        backend: Any,
+        queue: str,
+        hostname: str,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.rt = rt
+        self.backend = backend
+        self.queue = queue
+        self.hostname = hostname
+        self.max_batch = rt.settings.row_batch_max
+        self.wait_s = rt.settings.row_batch_wait_ms / 1000.0
+        self.transport = RowTransport(rt.settings, queue)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inference-row-lane", daemon=True)
+        self._on_batch = on_batch or rt.stats.batch
+
+    # -- life ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info(
+            "row lane on %s: batches of up to %d, waiting up to %g ms to fill one",
+            self.queue,
+            self.max_batch,
+            self.wait_s * 1000,
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in hand (its results written, its messages acknowledged), then
+        stop taking more."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.transport.close()
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            taken: list[tuple[str, bytes]] = []
+            try:
+                taken = self.take()
+                if not taken:
+                    self.transport.wait_for_work()
+                    continue
+                self.serve(taken)
+                backoff = 0.1
+            except redis.RedisError as exc:
+                log.warning("row lane: Redis error, retrying in %.1fs: %s", backoff, exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception as exc:
+                # Never let one bad batch end the lane, nor leave its producers waiting.
+                log.exception("row lane: unexpected error serving %d job(s)", len(taken))
+                self.fail_all(taken, exc)
+
+    def fail_all(self, taken: list[tuple[str, bytes]], exc: Exception) -> None:
+        """A FAILURE for every job of a batch the lane could not serve (a bug, not the
+        jobs' fault: TaskFailed), then their acknowledgement. Should even that fail, they
+        stay held, and come back to the queue after the visibility timeout."""
+        error = TaskFailed(f"the worker could not serve this job: {exc!r}")
+        writes = []
+        for _, raw in taken:
+            try:
+                task_id = read_task_message(raw).task_id
+            except MessageRefused:
+                continue
+            if isinstance(task_id, str) and envelope_problem({"id": task_id}) is None:
+                writes.append(results.failure(self.backend, task_id, error))
+        try:
+            self.transport.finish(writes, [tag for tag, _ in taken if tag])
+        except Exception:
+            log.exception("row lane: could not fail the batch either; it stays held")
+
+    # -- one batch -------------------------------------------------------------------------
+
+    def take(self) -> list[tuple[str, bytes]]:
+        """Up to max_batch messages, each recorded as held; waits up to row_batch_wait_ms
+        for more once there is one."""
+        taken = self.transport.take(self.max_batch)
+        if taken and self.wait_s > 0 and len(taken) < self.max_batch:
+            deadline = time.monotonic() + self.wait_s
+            while len(taken) < self.max_batch and time.monotonic() < deadline:
+                more = self.transport.take(self.max_batch - len(taken))
+                if more:
+                    taken.extend(more)
+                else:
+                    time.sleep(min(0.0005, max(0.0, deadline - time.monotonic())))
+        return taken
+
+    def serve(self, taken: list[tuple[str, bytes]]) -> None:
+        """Every job of one take, in two writes: first the single rows' results with every
+        job that needs no model run (refused, revoked), then each batch job's."""
+        started = service.Started.now()
+        jobs = [self._read(tag, raw) for tag, raw in taken]
+        rows = [j for j in jobs if j.error is None and not j.revoked and j.batch is None]
+        batches = [j for j in jobs if j.error is None and not j.revoked and j.batch is not None]
+        writes: list[tuple[str, str]] = []
+        if rows:
+            outcomes = service.predict_rows(
+                self.rt,
+                [j.features or [] for j in rows],
+                [j.headers.get(HEADER_ENQUEUED_AT) for j in rows],
+                self.hostname,
+                started,
+            )
+            for job, outcome in zip(rows, outcomes, strict=True):
+                assert job.task_id is not None  # a job without an id is refused in _read
+                if isinstance(outcome, InferenceError):
+                    job.error = _bare(outcome)
+                else:
+                    writes.append(results.success(self.backend, job.task_id, outcome))
+        for job in jobs:
+            if job.error is not None and job.features is None:
+                self.rt.stats.failed()  # refused unread; predict_rows counted the rest
+            if job.task_id is None:
+                continue
+            if job.revoked:
+                writes.append(results.revoked(self.backend, job.task_id))
+            elif job.error is not None:
+                writes.append(results.failure(self.backend, job.task_id, job.error))
+        # Batch jobs stay held until their own results are written.
+        self.transport.finish(writes, [j.tag for j in jobs if j.tag and j.batch is None])
+        served = sum(1 for j in rows if j.error is None)
+        if served:
+            self._on_batch(served)
+        for job in batches:
+            self.transport.finish([self._serve_batch(job)], [job.tag] if job.tag else [])
+
+    def _serve_batch(self, job: _Job) -> tuple[str, str]:
+        assert job.batch is not None and job.task_id is not None
+        args, kwargs = job.batch
+        job.batch = (args, {})  # the rows are not kept beyond their job
+        try:
+            enqueued_at = job.headers.get(HEADER_ENQUEUED_AT)
+            result = service.predict_batch(
+                self.rt, service.Job(args, kwargs, enqueued_at, self.hostname)
+            )
+        except InferenceError as exc:
+            return results.failure(self.backend, job.task_id, _bare(exc))
+        return results.success(self.backend, job.task_id, result)
+
+    def _read(self, tag: str, raw: bytes) -> _Job:
+        # An empty tag: the take script did not register the message (not a kombu message):
+        # it is served all the same, with nothing to acknowledge, and is lost only if this
+        # process dies within the batch.
+        limit = self.rt.settings.max_message_bytes
+        if len(raw) > limit:
+            task_id = task_id_in_head(raw)
+            if task_id is None:
+                log.error("row lane: dropped a message of %d bytes on %s", len(raw), self.queue)
+            error = MessageTooLarge(f"message of {len(raw)} bytes exceeds the maximum of {limit}")
+            return _Job(tag, task_id, {}, error=error)
+        try:
+            message = read_task_message(raw)
+        except MessageRefused as exc:
+            return self._refused(tag, exc.headers, str(exc))
+        problem = envelope_problem(message.headers) or body_problem(message.body)
+        if problem is None and message.task not in (TASK_PREDICT, TASK_PREDICT_BATCH):
+            problem = (
+                f"queue {self.queue} takes {TASK_PREDICT} and {TASK_PREDICT_BATCH} jobs only, "
+                f"not {message.task!r}"
+            )
+        if problem is None and message.headers.get("eta") is not None:
+            problem = f"a delayed job (eta) is not accepted on {self.queue}"
+        if problem is not None:
+            return self._refused(tag, message.headers, problem)
+        if results.expired(message.headers.get("expires")):
+            # As Celery does: the job is not run, and its state says why.
+            return _Job(tag, message.task_id, message.headers, revoked=True)
+        job = _Job(tag, message.task_id, message.headers)
+        args, kwargs, _ = message.body
+        if message.task == TASK_PREDICT_BATCH:
+            # Served on its own, by the same code as Celery's path (worker.service).
+            job.batch = (tuple(args), kwargs)
+            return job
+        try:
+            job.features = service.parse(self.rt, PredictRequest, tuple(args), kwargs).features
+        except InferenceError as exc:
+            job.error = _bare(exc)
+        return job
+
+    def _refused(self, tag: str, headers: dict[str, Any], reason: str) -> _Job:
+        task_id = headers.get("id")
+        if envelope_problem({"id": task_id}) is not None:
+            log.error("row lane: dropped a message on %s: %s", self.queue, reason)
+            task_id = None
+        return _Job(tag, task_id, headers, error=InvalidInput(reason))
