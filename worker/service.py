@@ -78,11 +78,8 @@ def parse(rt: Runtime, model: type[M], args: tuple[Any, ...], kwargs: dict[str, 
     )
 
 
-def _fields(
-    rt: Runtime, hostname: str, enqueued_at: Any, started: Started, inference_ms: float
-) -> dict[str, Any]:
-    """What every result carries besides its predictions: the model, the device, the
-    latencies (task_ms up to now)."""
+def _model_fields(rt: Runtime, hostname: str) -> dict[str, Any]:
+    """What every result carries besides its predictions and latency."""
     manifest = rt.model.manifest
     return {
         "model_name": manifest.name,
@@ -90,12 +87,16 @@ def _fields(
         "provider": rt.model.provider,
         "device": rt.model.device,
         "hostname": hostname,
-        "latency": Latency(
-            queue_wait_ms=queue_wait_ms(enqueued_at, started.wall),
-            inference_ms=round(inference_ms, 3),
-            task_ms=round((time.perf_counter() - started.perf) * 1000.0, 3),
-        ),
     }
+
+
+def _latency(enqueued_at: Any, started: Started, inference_ms: float) -> Latency:
+    """The job's latencies, its task_ms up to now."""
+    return Latency(
+        queue_wait_ms=queue_wait_ms(enqueued_at, started.wall),
+        inference_ms=round(inference_ms, 3),
+        task_ms=round((time.perf_counter() - started.perf) * 1000.0, 3),
+    )
 
 
 def predict_rows(
@@ -119,15 +120,17 @@ def predict_rows(
         outcome = [_predict_alone(rt, row) for row in matrix]
     inference_ms = (time.perf_counter() - t0) * 1000.0
     served = sum(1 for o in outcome if not isinstance(o, InferenceError))
+    fields = _model_fields(rt, hostname)
     results: list[dict[str, Any] | InferenceError] = []
     for value, enqueued in zip(outcome, enqueued_at, strict=True):
         if isinstance(value, InferenceError):
             rt.stats.failed()
             results.append(value)
             continue
-        fields = _fields(rt, hostname, enqueued, started, inference_ms)
-        rt.stats.succeeded(fields["latency"].task_ms, 1)
-        results.append(PredictResult(prediction=value, batch_size=served, **fields).model_dump())
+        latency = _latency(enqueued, started, inference_ms)
+        rt.stats.succeeded(latency.task_ms, 1)
+        result = PredictResult(prediction=value, batch_size=served, latency=latency, **fields)
+        results.append(result.model_dump())
     return results
 
 
@@ -165,14 +168,15 @@ def predict_batch(rt: Runtime, job: Job) -> dict[str, Any]:
     except Exception:
         rt.stats.failed()
         raise
-    fields = _fields(rt, job.hostname, job.enqueued_at, started, inference_ms)
-    rt.stats.succeeded(fields["latency"].task_ms, len(out))
+    latency = _latency(job.enqueued_at, started, inference_ms)
+    rt.stats.succeeded(latency.task_ms, len(out))
     # Predictions come back in the form the rows came in: float32 for rows_f32.
     compact = request.rows_f32 is not None
     result = BatchResult(
         predictions=None if compact else out.astype(np.float64).tolist(),
         predictions_f32=encode_f32(out) if compact else None,
         rows=len(out),
-        **fields,
+        latency=latency,
+        **_model_fields(rt, job.hostname),
     )
     return result.model_dump(exclude={"predictions" if compact else "predictions_f32"})

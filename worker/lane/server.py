@@ -132,6 +132,7 @@ class RowLane:
         jobs' fault: TaskFailed), then their acknowledgement. Should even that fail, they
         stay held, and come back to the queue after the visibility timeout."""
         error = TaskFailed(f"the worker could not serve this job: {exc!r}")
+        docs = results.Documents(self.backend)
         writes = []
         for _, raw in taken:
             try:
@@ -139,7 +140,7 @@ class RowLane:
             except MessageRefused:
                 continue
             if isinstance(task_id, str) and envelope_problem({"id": task_id}) is None:
-                writes.append(results.failure(self.backend, task_id, error))
+                writes.append(docs.failure(task_id, error))
         try:
             self.transport.finish(writes, [tag for tag, _ in taken if tag])
         except Exception:
@@ -165,6 +166,7 @@ class RowLane:
         """Every job of one take, in two writes: first the single rows' results with every
         job that needs no model run (refused, revoked), then each batch job's."""
         started = service.Started.now()
+        docs = results.Documents(self.backend)
         jobs = [self._read(tag, raw) for tag, raw in taken]
         rows = [j for j in jobs if j.error is None and not j.revoked and j.batch is None]
         batches = [j for j in jobs if j.error is None and not j.revoked and j.batch is not None]
@@ -182,25 +184,26 @@ class RowLane:
                 if isinstance(outcome, InferenceError):
                     job.error = _bare(outcome)
                 else:
-                    writes.append(results.success(self.backend, job.task_id, outcome))
+                    writes.append(docs.success(job.task_id, outcome))
         for job in jobs:
             if job.error is not None and job.features is None:
                 self.rt.stats.failed()  # refused unread; predict_rows counted the rest
             if job.task_id is None:
                 continue
             if job.revoked:
-                writes.append(results.revoked(self.backend, job.task_id))
+                writes.append(docs.revoked(job.task_id))
             elif job.error is not None:
-                writes.append(results.failure(self.backend, job.task_id, job.error))
+                writes.append(docs.failure(job.task_id, job.error))
         # Batch jobs stay held until their own results are written.
         self.transport.finish(writes, [j.tag for j in jobs if j.tag and j.batch is None])
         served = sum(1 for j in rows if j.error is None)
         if served:
             self._on_batch(served)
         for job in batches:
-            self.transport.finish([self._serve_batch(job)], [job.tag] if job.tag else [])
+            done = self._serve_batch(job, results.Documents(self.backend))
+            self.transport.finish([done], [job.tag] if job.tag else [])
 
-    def _serve_batch(self, job: _Job) -> tuple[str, str]:
+    def _serve_batch(self, job: _Job, docs: results.Documents) -> tuple[str, str]:
         assert job.batch is not None and job.task_id is not None
         args, kwargs = job.batch
         job.batch = (args, {})  # the rows are not kept beyond their job
@@ -210,8 +213,8 @@ class RowLane:
                 self.rt, service.Job(args, kwargs, enqueued_at, self.hostname)
             )
         except InferenceError as exc:
-            return results.failure(self.backend, job.task_id, _bare(exc))
-        return results.success(self.backend, job.task_id, result)
+            return docs.failure(job.task_id, _bare(exc))
+        return docs.success(job.task_id, result)
 
     def _read(self, tag: str, raw: bytes) -> _Job:
         # An empty tag: the take script did not register the message (not a kombu message):
