@@ -6,7 +6,7 @@
     │                             └── MessageRefused (not a task message; never on the wire)
     ├── TransientError            the same job may succeed later: retried
     │   ├── ModelNotReady, PredictionFailed
-    │   └── RedisUnreachable
+    │   └── RedisUnreachable, QueueFull
     ├── TaskFailed                a job failed for a reason outside this tree
     ├── StartupError              a worker refuses to start
     │   └── ModelArtifactError, ProviderUnavailable, RedisAuthFailed, RedisTlsFailed
@@ -100,6 +100,11 @@ class PredictionFailed(TransientError):
 
 class RedisUnreachable(TransientError):
     """Redis did not answer; it may come up later."""
+
+
+class QueueFull(TransientError):
+    """The queue holds as many jobs as its limit allows (INFERENCE_MAX_QUEUE_DEPTH): nothing
+    was enqueued; send again once workers have drained it."""
 
 
 class TaskFailed(InferenceError):

@@ -1,9 +1,12 @@
-"""Producer client for the queue-based inference workers (no onnxruntime needed)."""
+"""Producer clients for the queue-based inference workers (no onnxruntime needed):
+Client for plain Python, AsyncClient for asyncio services."""
 
-from contract.errors import InferenceError, InvalidInput, PermanentError, TransientError
+from producer.aio import AsyncClient
 from producer.client import Client, TaskStatus
+from producer.errors import InferenceError, InvalidInput, PermanentError, TransientError
 
 __all__ = [
+    "AsyncClient",
     "Client",
     "InferenceError",
     "InvalidInput",

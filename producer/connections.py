@@ -5,11 +5,13 @@ a wrong password (fatal) from a server that is merely down (worth waiting for)."
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
 
@@ -75,6 +77,49 @@ class TransientRetry(Retry):
         raise error
 
 
+class AsyncTransientRetry(AsyncRetry):
+    """TransientRetry for redis.asyncio: rejected credentials and certificates fail at once."""
+
+    async def call_with_retry(
+        self, do: Callable[[], Awaitable[T]], fail: Any, *args: Any, **kwargs: Any
+    ) -> T:
+        async def attempt() -> T:
+            try:
+                return await do()
+            except redis.ConnectionError as exc:
+                if is_permanent(exc):
+                    raise _Permanent(exc) from exc
+                raise
+
+        try:
+            return await super().call_with_retry(attempt, fail, *args, **kwargs)
+        except _Permanent as permanent:
+            error = permanent.error
+        raise error
+
+
+def _options(
+    url: str,
+    settings: ConnectionSettings,
+    connect_timeout_s: float,
+    socket_timeout_s: float,
+    health_check_interval_s: int,
+) -> tuple[str, dict[str, Any]]:
+    url = settings.connection_url(url)
+    tls: dict[str, Any] = settings.ssl_options() if is_tls(url) else {}
+    return url, {
+        "socket_connect_timeout": connect_timeout_s,
+        "socket_timeout": socket_timeout_s,
+        "socket_keepalive": True,
+        "health_check_interval": health_check_interval_s,
+        **tls,
+    }
+
+
+def _backoff(retries: int) -> Any:
+    return EqualJitterBackoff(cap=2.0, base=0.1) if retries else NoBackoff()
+
+
 def redis_client(
     url: str,
     settings: ConnectionSettings,
@@ -94,18 +139,27 @@ def redis_client(
     idle for `health_check_interval_s` are PINGed before use, since a load balancer or the
     server's `timeout` may have closed them silently.
     """
-    url = settings.connection_url(url)
-    tls: dict[str, Any] = settings.ssl_options() if is_tls(url) else {}
-    backoff = EqualJitterBackoff(cap=2.0, base=0.1) if retries else NoBackoff()
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=connect_timeout_s,
-        socket_timeout=socket_timeout_s,
-        socket_keepalive=True,
-        health_check_interval=health_check_interval_s,
-        retry=TransientRetry(backoff, retries),
-        **tls,
+    url, options = _options(
+        url, settings, connect_timeout_s, socket_timeout_s, health_check_interval_s
     )
+    return redis.Redis.from_url(url, retry=TransientRetry(_backoff(retries), retries), **options)
+
+
+def async_redis_client(
+    url: str,
+    settings: ConnectionSettings,
+    *,
+    connect_timeout_s: float = 5.0,
+    socket_timeout_s: float = 10.0,
+    retries: int = 5,
+    health_check_interval_s: int = 30,
+) -> redis.asyncio.Redis:
+    """redis_client for asyncio (redis.asyncio), with the same options and retry policy."""
+    url, options = _options(
+        url, settings, connect_timeout_s, socket_timeout_s, health_check_interval_s
+    )
+    retry = AsyncTransientRetry(_backoff(retries), retries)
+    return redis.asyncio.Redis.from_url(url, retry=retry, **options)
 
 
 _AUTH_REPLIES = ("NOAUTH", "WRONGPASS")

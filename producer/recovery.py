@@ -15,10 +15,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
-from contract.names import UNACKED_KEY
-
 
 @dataclass(frozen=True)
 class SentJob:
@@ -52,23 +48,33 @@ class SentJobs:
 
 class LostJobFinder:
     """Declares a pending job lost when, on two checks at least `confirm_s` apart, its
-    queue is empty and no worker holds it unacknowledged."""
+    queue is empty and no worker holds it unacknowledged.
 
-    def __init__(self, broker: redis.Redis, confirm_s: float = 1.0) -> None:
-        self._broker = broker
+    Free of I/O, so the sync and the asyncio client share it: `candidates` says what to
+    read (the jobs' queues), `judge` decides from what was read (their lengths and the
+    broker's held messages)."""
+
+    def __init__(self, confirm_s: float = 1.0) -> None:
         self._confirm_s = confirm_s
         self._suspects: dict[str, float] = {}
 
-    def lost(self, pending: list[str], jobs: SentJobs) -> list[str]:
+    def candidates(self, pending: list[str], jobs: SentJobs) -> tuple[list[str], list[str]]:
+        """The pending jobs this client sent (and still remembers), and their queues."""
         known = [t for t in pending if jobs.get(t) is not None]
-        queues = {jobs.get(t).queue for t in known}  # type: ignore[union-attr]
-        if not known or any(self._broker.llen(q) for q in queues):
+        queues = sorted({jobs.get(t).queue for t in known})  # type: ignore[union-attr]
+        return known, queues
+
+    def judge(
+        self, known: list[str], queue_lengths: list[int], held: list[bytes | str] | None
+    ) -> list[str]:
+        """The jobs among `known` lost for good. `held`: the values of kombu's unacked hash,
+        read only when every queue was empty (None otherwise)."""
+        if not known or any(queue_lengths) or held is None:
             # Queued jobs may be behind others: nothing can be told apart cheaply.
             self._suspects.clear()
             return []
-        values = self._broker.hvals(UNACKED_KEY)
-        held = b"\x00".join(v if isinstance(v, bytes) else v.encode() for v in values)
+        text = b"\x00".join(v if isinstance(v, bytes) else v.encode() for v in held)
         now = time.monotonic()
-        suspects = {t: self._suspects.get(t, now) for t in known if t.encode() not in held}
+        suspects = {t: self._suspects.get(t, now) for t in known if t.encode() not in text}
         self._suspects = suspects
         return [t for t, since in suspects.items() if now - since >= self._confirm_s]

@@ -118,6 +118,11 @@ class ProducerSettings(ConnectionSettings):
     track_sent_jobs: int = Field(default=100_000, ge=0)
     """Most recently sent jobs whose arguments are kept, to re-send them if lost."""
 
+    max_queue_depth: int | None = Field(default=None, ge=1)
+    """Most jobs a queue may hold; an enqueue that would pass it fails with QueueFull
+    (retryable), checked and pushed in one atomic step. Unset: no limit. Producers that do
+    not use this client (stock Celery clients) are not held to it."""
+
 
 def is_tls(url: str) -> bool:
     return urlsplit(url).scheme == TLS_SCHEME

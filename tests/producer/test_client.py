@@ -8,7 +8,7 @@ import fakeredis
 import pytest
 
 from contract.errors import FeatureCountMismatch, ModelNotReady, TaskFailed, TooManyRows
-from contract.names import HEALTH_REPORT_KEY, QUEUE_CPU, model_info_key
+from contract.names import HEALTH_REPORT_KEY, QUEUE_CPU, model_info_key, result_key
 from contract.schemas import ModelInfo
 from producer.client import Client, raise_for, resolve_queue, status_from_meta
 from producer.settings import ProducerSettings
@@ -59,8 +59,8 @@ def test_foreign_failures_are_reported_not_imported() -> None:
 
 
 def test_statuses_and_wait_read_the_backend_keys(client: Client) -> None:
-    client.redis.set(client._key("a"), meta("SUCCESS", {"prediction": 2.0}))
-    client.redis.set(client._key("b"), failure("TooManyRows", "too many"))
+    client.redis.set(result_key("a"), meta("SUCCESS", {"prediction": 2.0}))
+    client.redis.set(result_key("b"), failure("TooManyRows", "too many"))
     states = client.statuses(["a", "b", "c"])
     assert [s.state for s in states] == ["SUCCESS", "FAILURE", "PENDING"]
     assert client.wait("a") == {"prediction": 2.0}

@@ -1,0 +1,220 @@
+"""AsyncClient: the producer client for asyncio services (redis.asyncio, never blocking the
+event loop). Same methods, validation, errors and lost-job repair as producer.client.Client:
+both do only their own I/O around producer.core."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+from contract.names import (
+    HEALTH_REPORT_KEY,
+    TASK_PREDICT,
+    TASK_PREDICT_BATCH,
+    UNACKED_KEY,
+    model_info_key,
+)
+from contract.schemas import BatchRequest, ModelInfo, PredictRequest
+from producer.connections import async_redis_client
+from producer.core import LIMITED_PUSH, Batch, ClientCore, Poll, TaskStatus, parse, raise_for
+from producer.settings import ProducerSettings
+
+log = logging.getLogger(__name__)
+
+
+class AsyncClient(ClientCore):
+    """`async with AsyncClient() as client: await client.wait(await client.submit(row))`."""
+
+    def __init__(self, settings: ProducerSettings | None = None) -> None:
+        super().__init__(settings)
+        self.redis = async_redis_client(self.settings.backend, self.settings)
+        self.broker = async_redis_client(self.settings.broker, self.settings)
+        self._limited_push = self.broker.register_script(LIMITED_PUSH)
+        self._waiters: dict[str, asyncio.Future[TaskStatus]] = {}
+        self._waiting: dict[str, int] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.redis.aclose()
+        await self.broker.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    # -- model facts, for validating before enqueueing -------------------------------------
+
+    async def model_info(self, queue: str = "cpu", refresh: bool = False) -> ModelInfo | None:
+        """What the workers of `queue` serve (they publish it at start), or None if none of
+        them ever started."""
+        name, read = self._info_cached(queue, refresh)
+        if read:
+            return self._info_read(name, await self.redis.get(model_info_key(name)))
+        return self._model_info[name]
+
+    # -- enqueue ---------------------------------------------------------------------------
+
+    async def send(
+        self, task: str, kwargs: dict[str, Any], queue: str = "cpu", task_id: str | None = None
+    ) -> str:
+        """Enqueue already-validated kwargs; returns the task id."""
+        return (await self.send_many(task, [kwargs], queue, [task_id]))[0]
+
+    async def send_many(
+        self,
+        task: str,
+        kwargs_list: Sequence[dict[str, Any]],
+        queue: str = "cpu",
+        task_ids: Sequence[str | None] | None = None,
+    ) -> list[str]:
+        """Enqueue many jobs of one task in one round trip; their ids, in order. QueueFull
+        (nothing enqueued) when they would pass the queue's limit."""
+        batch = self._batch(task, kwargs_list, queue, task_ids)
+        return self._pushed(batch, await self._push(batch)) if batch.messages else []
+
+    async def _push(self, batch: Batch) -> int:
+        limit = self.settings.max_queue_depth
+        if limit is None:
+            return int(await self.broker.lpush(batch.target, *batch.texts))
+        return int(await self._limited_push(keys=[batch.target], args=[limit, *batch.texts]))
+
+    async def resend_lost(self, pending: list[str]) -> list[str]:
+        """Send again, under the same ids, the pending jobs Redis no longer holds anywhere."""
+        known, queues = self._lost.candidates(pending, self._sent)
+        lengths = [int(await self.broker.llen(q)) for q in queues] if known else []
+        held = await self.broker.hvals(UNACKED_KEY) if known and not any(lengths) else None
+        lost = self._lost.judge(known, lengths, held)
+        for task_id in lost:
+            job = self._sent.get(task_id)
+            if job is not None:
+                log.warning(
+                    "job %s is in no queue and held by no worker: sending it again", task_id
+                )
+                await self.send(job.task, job.kwargs, job.queue, task_id=task_id)
+        return lost
+
+    async def submit(self, features: Sequence[float], queue: str = "cpu") -> str:
+        info = await self.model_info(queue)
+        request = parse(PredictRequest, {"features": list(features)}, info)
+        return await self.send(TASK_PREDICT, request.model_dump(), queue)
+
+    async def submit_many(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> list[str]:
+        """One single-row job per row, enqueued in one round trip; their ids, in order."""
+        info = await self.model_info(queue)
+        requests = [parse(PredictRequest, {"features": list(r)}, info) for r in rows]
+        return await self.send_many(TASK_PREDICT, [r.model_dump() for r in requests], queue)
+
+    async def submit_batch(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
+        info = await self.model_info(queue)
+        request = parse(BatchRequest, {"rows": [list(r) for r in rows]}, info)
+        return await self.send(TASK_PREDICT_BATCH, request.model_dump(), queue)
+
+    async def submit_batch_f32(self, rows_f32: str, n_features: int, queue: str = "cpu") -> str:
+        """A batch job in the compact form: rows as base64 float32 (contract.schemas)."""
+        kwargs = {"rows_f32": rows_f32, "n_features": n_features}
+        request = parse(BatchRequest, kwargs, await self.model_info(queue))
+        return await self.send(TASK_PREDICT_BATCH, request.model_dump(exclude_none=True), queue)
+
+    # -- results ---------------------------------------------------------------------------
+
+    async def status(self, task_id: str) -> TaskStatus:
+        return (await self.statuses([task_id]))[0]
+
+    async def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]:
+        if not task_ids:
+            return []
+        return self._settled(task_ids, await self.redis.mget(self._keys(task_ids)))
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """The task's result; its error raised as an exception; TimeoutError past `timeout`.
+
+        Concurrent waits share one polling loop (one MGET for every task waited on), so a
+        service waiting on thousands of jobs at once costs Redis one round trip a look."""
+        limit = self.settings.wait_timeout_s if timeout is None else timeout
+        future = self._waiters.get(task_id)
+        if future is None:
+            future = self._waiters[task_id] = asyncio.get_running_loop().create_future()
+        self._waiting[task_id] = self._waiting.get(task_id, 0) + 1
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll_waiters())
+        try:
+            status = await asyncio.wait_for(asyncio.shield(future), limit)
+        except TimeoutError:
+            raise TimeoutError(
+                f"task {task_id} not finished after {limit:g}s; are workers consuming the queue?"
+            ) from None
+        finally:
+            self._waiting[task_id] -= 1
+            if not self._waiting[task_id]:
+                # The last one waiting for it: the poller stops looking it up.
+                del self._waiting[task_id]
+                self._waiters.pop(task_id, None)
+        return raise_for(status)
+
+    async def _poll_waiters(self) -> None:
+        """Look up every waited-on task with one MGET, backing off from 0.5 ms to 20 ms
+        while nothing finishes; stops once nobody waits."""
+        poll = Poll(self.settings, 0, "", float("inf"))
+        while self._waiters:
+            ids = list(self._waiters)
+            try:
+                statuses = await self.statuses(ids)
+            except Exception as exc:
+                for future in self._waiters.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                self._waiters.clear()
+                return
+            done = [s for s in statuses if s.ready]
+            for status in done:
+                waited = self._waiters.pop(status.task_id, None)
+                if waited is not None and not waited.done():
+                    waited.set_result(status)
+            if done:
+                poll.delay = 0.0005
+                continue
+            if poll.check_lost_now():
+                await self.resend_lost([s.task_id for s in statuses if s.state == "PENDING"])
+            await asyncio.sleep(poll.next_delay())
+
+    async def iter_finished(
+        self, task_ids: Iterable[str], timeout: float | None = None
+    ) -> AsyncIterator[TaskStatus]:
+        """Yield each task's final status as it finishes."""
+        pending = list(dict.fromkeys(task_ids))
+        while pending:
+            done = await self.wait_any(pending, timeout)
+            finished = {s.task_id for s in done}
+            pending = [t for t in pending if t not in finished]
+            for status in done:
+                yield status
+
+    async def wait_any(
+        self, task_ids: Sequence[str], timeout: float | None = None
+    ) -> list[TaskStatus]:
+        """The final statuses of those tasks that are finished, once at least one is;
+        polls with MGET, backing off from 0.5 ms to 20 ms, yielding to the loop between."""
+        if not task_ids:
+            return []
+        poll = Poll(self.settings, len(task_ids), task_ids[0], timeout)
+        while True:
+            statuses = await self.statuses(task_ids)
+            done = [s for s in statuses if s.ready]
+            if done:
+                return done
+            if poll.check_lost_now():
+                await self.resend_lost([s.task_id for s in statuses if s.state == "PENDING"])
+            await asyncio.sleep(poll.next_delay())
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any] | None:
+        raw = await self.redis.get(HEALTH_REPORT_KEY)
+        return None if raw is None else json.loads(raw)
