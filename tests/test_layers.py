@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMPORT_EVERYTHING = """
 import importlib, pkgutil, sys
 names = []
-for top in ("contract", "producer", "training", "worker", "stack"):
+for top in ("contract", "producer", "training", "worker", "gateway", "stack"):
     package = importlib.import_module(top)
     names.append(top)
     for info in pkgutil.walk_packages(package.__path__, top + "."):
@@ -73,7 +73,7 @@ def test_the_producer_cli_imports_neither_pyarrow_onnxruntime_nor_the_tools() ->
     assert proc.returncode == 0, proc.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
     assert "producer.cli" in imported  # the check sees our modules
-    for heavy in ("pyarrow", "onnxruntime", "sklearn", "stack", "worker", "training"):
+    for heavy in ("pyarrow", "onnxruntime", "sklearn", "stack", "worker", "training", "gateway"):
         assert heavy not in imported, f"`python -m producer --help` imports {heavy}"
 
 
