@@ -33,7 +33,7 @@ HADOLINT_CONFIG = REPO_ROOT / ".hadolint.yaml"
 PYPROJECT = REPO_ROOT / "pyproject.toml"
 
 # Modules whose pydantic-settings classes define the INFERENCE_* variables.
-SETTINGS_MODULES = ("producer.settings", "worker.settings")
+SETTINGS_MODULES = ("producer.settings", "worker.settings", "gateway.settings")
 
 
 def find_tool(name: str) -> str | None:
