@@ -24,6 +24,9 @@ from producer.settings import ProducerSettings
 
 log = logging.getLogger(__name__)
 
+YIELD_EVERY = 256
+"""Messages built, or results parsed, between two yields to the event loop."""
+
 
 class AsyncClient(ClientCore):
     """`async with AsyncClient() as client: await client.wait(await client.submit(row))`."""
@@ -76,7 +79,15 @@ class AsyncClient(ClientCore):
     ) -> list[str]:
         """Enqueue many jobs of one task in one round trip; their ids, in order. QueueFull
         (nothing enqueued) when they would pass the queue's limit."""
-        batch = self._batch(task, kwargs_list, queue, task_ids)
+        ids = task_ids or [None] * len(kwargs_list)
+        batch = self._batch(task, kwargs_list[:YIELD_EVERY], queue, ids[:YIELD_EVERY])
+        for i in range(YIELD_EVERY, len(kwargs_list), YIELD_EVERY):
+            # Building a message costs ~20 us: thousands at once would hold the loop.
+            await asyncio.sleep(0)
+            part = self._batch(
+                task, kwargs_list[i : i + YIELD_EVERY], queue, ids[i : i + YIELD_EVERY]
+            )
+            batch.extend(part)
         return self._pushed(batch, await self._push(batch)) if batch.messages else []
 
     async def _push(self, batch: Batch) -> int:
@@ -130,7 +141,15 @@ class AsyncClient(ClientCore):
     async def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]:
         if not task_ids:
             return []
-        return self._settled(task_ids, await self.redis.mget(self._keys(task_ids)))
+        # In slices, each its own MGET: redis-py parses a reply whole once it has arrived,
+        # and parsing thousands of results at once (then validating them) would hold the
+        # loop for tens of milliseconds.
+        statuses: list[TaskStatus] = []
+        for i in range(0, len(task_ids), YIELD_EVERY):
+            part = task_ids[i : i + YIELD_EVERY]
+            statuses += self._settled(part, await self.redis.mget(self._keys(part)))
+            await asyncio.sleep(0)
+        return statuses
 
     async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """The task's result; its error raised as an exception; TimeoutError past `timeout`.

@@ -113,6 +113,10 @@ class Batch:
     messages: list[tuple[str, str]]
     sent_at: float
 
+    def extend(self, other: Batch) -> None:
+        self.kwargs = [*self.kwargs, *other.kwargs]
+        self.messages += other.messages
+
     @property
     def ids(self) -> list[str]:
         return [task_id for task_id, _ in self.messages]

@@ -2,34 +2,47 @@
 
 Trains a model if none exists, starts Redis (a private one unless REDIS_URL is
 set), a CPU worker and beat, sends sample jobs and a bulk file through the
-queue, prints results with their latency and the health report, then stops
-everything it started.
+queue, prints results with their latency and the health report, sends jobs from
+an asyncio event loop and through the HTTP gateway (with the `gateway` extra),
+then stops everything it started.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import csv
+import importlib.util
 import json
 import os
 import socket
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
 
 from contract.names import HEALTH_REPORT_KEY, TASK_PREDICT
 from contract.schemas import HealthReport
+from producer import AsyncClient
 from producer.bulk import score_csv
 from producer.client import Client
 from producer.health import format_health
 from producer.settings import ProducerSettings, redact
-from stack.embedded_redis import EmbeddedRedis
-from stack.processes import beat_process, celery_env, wait_ready, worker_process
+from stack.embedded_redis import EmbeddedRedis, free_port
+from stack.processes import (
+    beat_process,
+    celery_env,
+    gateway_process,
+    wait_http,
+    wait_ready,
+    worker_process,
+)
 from training.ensure import ensure_model
 
 
@@ -101,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
             wait_ready(worker, probe, hostname, args.processes, timeout_s=120)
             probe.close()
             print(f"worker ready (model loaded and warmed) in {time.monotonic() - started:.1f}s")
-            return demo_jobs(ProducerSettings(redis_url=url), hostname, out_dir, args)
+            settings = ProducerSettings(redis_url=url)
+            code = demo_jobs(settings, hostname, out_dir, args)
+            asyncio.run(demo_asyncio(settings))
+            demo_gateway(url, out_dir, settings)
+            return code
         finally:
             say("stopping worker and beat")
             print(f"worker exit code {worker.stop()}, beat exit code {beat.stop()}")
@@ -163,6 +180,65 @@ def demo_jobs(
         if args.json:
             print(json.dumps(report.model_dump(), indent=2))
     return 0
+
+
+async def demo_asyncio(settings: ProducerSettings) -> None:
+    """What an asyncio service writes: AsyncClient never blocks its event loop."""
+    say("the asyncio client: 1,000 single-row jobs from one event loop")
+    async with AsyncClient(settings) as client:
+        info = await client.model_info()
+        assert info is not None, "the worker published no model info"
+        rows = np.random.default_rng(1).uniform(0, 1, size=(1000, info.n_features)).tolist()
+        started = time.perf_counter()
+        ids = await client.submit_many(rows)
+        results = await asyncio.gather(*(client.wait(t) for t in ids))
+        elapsed = time.perf_counter() - started
+    print(
+        f"  {len(results):,} predictions in {elapsed:.2f}s; first "
+        f"{[round(r['prediction'], 4) for r in results[:3]]}"
+    )
+
+
+def demo_gateway(redis_url: str, out_dir: Path, settings: ProducerSettings) -> None:
+    """The HTTP gateway in front of the same queues, called as curl would."""
+    if importlib.util.find_spec("fastapi") is None:
+        say("HTTP gateway: skipped (install the `gateway` extra to see it)")
+        return
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "REDIS_URL": redis_url}
+    env.pop("INFERENCE_REDIS_URL", None)
+    say(f"the HTTP gateway (python -m gateway) on {base}; log in {out_dir}/gateway.log")
+    gateway = gateway_process(env, out_dir / "gateway.log", port).start()
+    try:
+        wait_http(gateway, f"{base}/openapi.json")
+        with Client(settings) as client:
+            info = client.model_info()
+        n = info.n_features if info is not None else 5
+        body = {"data": [round(0.1 * (i + 1), 1) for i in range(n)]}
+        print(
+            f"  $ curl -s -X POST {base}/api/v1/predict -H 'Content-Type: application/json' "
+            f"-d '{json.dumps(body)}'"
+        )
+        answer = _http("POST", f"{base}/api/v1/predict", body)
+        print(f"  prediction {answer['prediction']:.4f}, model {answer['model_version']}, "
+              f"latency {answer['latency']}")  # fmt: skip
+        print(f"  $ curl -s -X POST {base}/api/v1/jobs ... then GET the Location it answers")
+        job = _http("POST", f"{base}/api/v1/jobs", {"rows": [[0.5] * n, [0.9] * n]})
+        status = _http("GET", f"{base}{job['status_url']}?wait=10")
+        print(f"  job {job['task_id'][:8]}: {status['state']}, {status['result']['rows']} rows")
+        print(f"  OpenAPI page to try it in a browser: {base}/docs")
+    finally:
+        gateway.stop()
+
+
+def _http(method: str, url: str, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def main(argv: list[str] | None = None) -> int:

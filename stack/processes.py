@@ -1,4 +1,4 @@
-"""Start and stop `celery worker` and `celery beat` processes (demo, benchmark, tests).
+"""Start and stop `celery worker`, `celery beat` and gateway processes (demo, benchmark, tests).
 
 A worker counts as ready when each of its processes has published its state,
 which it does only after its model is loaded and warmed.
@@ -106,6 +106,32 @@ def beat_process(env: dict[str, str], log_path: Path, schedule: Path) -> CeleryP
         "--loglevel", "INFO", "--schedule", str(schedule),
     ]  # fmt: skip
     return CeleryProcess(args, env, log_path)
+
+
+def gateway_process(env: dict[str, str], log_path: Path, port: int) -> CeleryProcess:
+    """`python -m gateway` on 127.0.0.1:`port` (a subprocess like the Celery ones)."""
+    args = [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port)]
+    return CeleryProcess(args, env, log_path)
+
+
+def wait_http(process: CeleryProcess, url: str, timeout_s: float = 30) -> None:
+    """Block until `url` answers 200 (the process's log tail if it exits first)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not process.running:
+            raise RuntimeError(f"{process.args[2]} exited:\n{process.log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer in {timeout_s:g}s:\n{process.log_tail()}")
+        time.sleep(0.1)
 
 
 def wait_ready(

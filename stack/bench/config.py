@@ -19,6 +19,7 @@ FULL = {
     "batch_rows": 5_000,
     "bulk_rows": 1_000_000,
     "inprocess_rows": 65_536,
+    "client_jobs": 10_000,
 }
 
 
@@ -30,6 +31,7 @@ QUICK = {
     "batch_rows": 1_000,
     "bulk_rows": 20_000,
     "inprocess_rows": 8_192,
+    "client_jobs": 1_000,
 }
 
 
@@ -54,6 +56,8 @@ class BenchConfig:
     in_flight: int | None = None
     """Chunks (bulk) and batch jobs in flight; None: INFERENCE_MAX_IN_FLIGHT."""
     inprocess_rows: int = FULL["inprocess_rows"]
+    client_jobs: int = FULL["client_jobs"]
+    """Single-row jobs sent by the asyncio client and by the sync one, each."""
     json_out: Path = Path("out/bench.json")
     work_dir: Path | None = None
     """Worker log and the bulk files; None: a temporary directory (log beside the JSON)."""

@@ -104,9 +104,31 @@ RATIOS: tuple[RatioSpec, ...] = (
         "single_row.noop.p50_ms",
         "<= 1.2",
     ),
+    RatioSpec(
+        "G1",
+        "gateway single-row jobs/s (64 connections) / plain Celery (send_task per row)",
+        "gateway.sustained.jobs_per_s",
+        "sustained.plain_celery.jobs_per_s",
+        ">= 3",
+    ),
+    RatioSpec(
+        "G2",
+        "gateway POST /api/v1/predict p50 / direct client p50 (sequential, interleaved)",
+        "gateway.sequential.gateway.p50_ms",
+        "gateway.sequential.direct_client.p50_ms",
+        "<= 2",
+    ),
+    RatioSpec(
+        "A1",
+        "asyncio client jobs/s / sync client jobs/s (send_many + iter_finished, one loop)",
+        "clients.async.jobs_per_s",
+        "clients.sync.jobs_per_s",
+        ">= 0.8",
+    ),
 )
 
 P5_GOAL_S = 3.0
+A2_GOAL_MS = 20.0
 
 
 def _meets(value: float, goal: str) -> bool:
@@ -114,7 +136,7 @@ def _meets(value: float, goal: str) -> bool:
     return value >= float(bound) if op == ">=" else value <= float(bound)
 
 
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
@@ -123,8 +145,8 @@ def _number(value: Any) -> float | None:
 def compute_ratios(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ratios: dict[str, dict[str, Any]] = {}
     for spec in RATIOS:
-        num = _number(lookup(report, spec.numerator))
-        den = _number(lookup(report, spec.denominator))
+        num = as_number(lookup(report, spec.numerator))
+        den = as_number(lookup(report, spec.denominator))
         value = num / den if num is not None and den else None
         missing = [
             path
@@ -159,9 +181,9 @@ def _p4(goals: dict[str, Any]) -> dict[str, Any]:
             "met": None,
             "unavailable": goals.get("reason") or "no training benchmark",
         }
-    speedup = _number(goals.get("one_row_speedup"))
-    size = _number(goals.get("artifact_bytes"))
-    loss = _number(goals.get("r2_loss"))
+    speedup = as_number(goals.get("one_row_speedup"))
+    size = as_number(goals.get("artifact_bytes"))
+    loss = as_number(goals.get("r2_loss"))
     met = (
         speedup is not None
         and speedup >= P4_SPEEDUP
@@ -184,7 +206,7 @@ def _p4(goals: dict[str, Any]) -> dict[str, Any]:
 
 
 def compute_goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    ready = _number(lookup(report, "worker.start_to_ready_s"))
+    ready = as_number(lookup(report, "worker.start_to_ready_s"))
     return {
         "P5": {
             "label": "worker start -> ready (all processes loaded and warmed), seconds",
@@ -197,157 +219,17 @@ def compute_goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             else "measured only with --embedded (the bench starts the worker)",
         },
         "P4": _p4(report.get("model_goals") or {}),
+        "A2": _loop_lag(lookup(report, "clients.loop_lag.held_max_ms")),
     }
 
 
-# -- the printed table ---------------------------------------------------------------------
-
-
-def _f(value: Any, spec: str = ",.2f") -> str:
-    number = _number(value)
-    return "-" if number is None else format(number, spec)
-
-
-def _latency_row(label: str, count: Any, lat: dict[str, Any] | None, extra: str = "") -> str:
-    lat = lat or {}
-    return (
-        f"  {label:<46}{_f(count, ',.0f'):>8}{_f(lat.get('p50_ms')):>10}"
-        f"{_f(lat.get('p95_ms')):>10}{_f(lat.get('p99_ms')):>10}  {extra}"
-    )
-
-
-def _cpu(part: dict[str, Any]) -> str:
-    cpu, seconds = _number(part.get("producer_cpu_s")), _number(part.get("seconds"))
-    return f" (producer CPU {cpu / seconds:.0%})" if cpu is not None and seconds else ""
-
-
-def _unavailable(label: str, reason: Any) -> str:
-    return f"  {label:<46}  unavailable: {reason}"
-
-
-def format_report(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    model = report.get("model") or {}
-    worker = report.get("worker") or {}
-    lines = [
-        f"queue-inference bench ({report['mode']}{', quick' if report['config']['quick'] else ''})",
-        f"machine: {m['cores']} cores, {m['cpu_model']}, Python {m['python']}, "
-        f"onnxruntime {m['onnxruntime'] or 'absent'}, celery {m['celery']}, "
-        f"redis-server {report.get('redis', {}).get('server_version') or '?'}",
-        f"model {model.get('name')}/{model.get('version')} ({model.get('n_features')} features); "
-        f"queue {report['config']['queue']}; worker(s) {', '.join(worker.get('hostnames', []))} "
-        f"({worker.get('processes')} process(es))",
-        f"note: {NOISE_NOTE}",
-        "",
-        f"  {'measurement':<46}{'n':>8}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}  throughput",
-    ]
-    single = report.get("single_row", {})
-    for task in ("predict", "noop"):
-        part = single.get(task) or {}
-        label = f"single-row {task}, sequential round trip"
-        if part.get("available", True):
-            in_worker = (part.get("worker_task") or {}).get("p50_ms")
-            extra = (
-                f"(task in worker: p50 {_f(in_worker, ',.3f')} ms)" if in_worker is not None else ""
-            )
-            lines.append(_latency_row(label, part.get("count"), part, extra))
-        else:
-            lines.append(_unavailable(label, part.get("reason")))
-    sustained = report.get("sustained", {})
-    for task in ("predict", "plain_celery", "noop"):
-        part = sustained.get(task) or {}
-        label = f"single-row {task}, {_f(part.get('window'), ',.0f')} in flight"
-        if not part:
-            continue
-        if part.get("available", True):
-            lines.append(
-                _latency_row(
-                    label,
-                    part.get("jobs"),
-                    part.get("latency"),
-                    f"{_f(part.get('jobs_per_s'), ',.0f')} jobs/s{_cpu(part)}",
-                )
-            )
-        else:
-            lines.append(_unavailable(label, part.get("reason")))
-    histogram = (sustained.get("predict") or {}).get("batch_sizes")
-    if histogram:
-        text = ", ".join(f"{size}: {count}" for size, count in histogram.items())
-        lines.append(f"  {'':<46}  row-lane batches by size: {text}")
-    batch = report.get("batch") or {}
-    if batch:
-        shape = f"{_f(batch.get('jobs'), ',.0f')} x {_f(batch.get('rows_per_job'), ',.0f')} rows"
-        seq = batch.get("sequential") or {}
-        lines.append(
-            _latency_row(
-                f"batch {shape}, sequential",
-                batch.get("jobs"),
-                seq.get("latency"),
-                f"{_f(seq.get('rows_per_s'), ',.0f')} rows/s",
-            )
-        )
-        conc = batch.get("concurrent") or {}
-        lines.append(
-            _latency_row(
-                f"batch {shape}, {_f(conc.get('in_flight'), ',.0f')} in flight",
-                batch.get("jobs"),
-                conc.get("latency"),
-                f"{_f(conc.get('rows_per_s'), ',.0f')} rows/s{_cpu(conc)}",
-            )
-        )
-    bulk = report.get("bulk") or {}
-    if bulk:
-        label = (
-            f"bulk CSV, chunks of {_f(bulk.get('chunk_rows'), ',.0f')}, "
-            f"{_f(bulk.get('in_flight'), ',.0f')} in flight"
-        )
-        lines.append(
-            f"  {label:<46}{_f(bulk.get('rows_in'), ',.0f'):>8}{'':>30}  "
-            f"{_f(bulk.get('rows_per_s'), ',.0f')} rows/s ({_f(bulk.get('seconds'))} s end to end)"
-        )
-    inproc = report.get("inprocess") or {}
-    if inproc.get("available"):
-        one = inproc.get("one_row") or {}
-        lines.append(
-            f"  {'in-process onnxruntime, 1 row, 1 thread (us)':<46}"
-            f"{_f(one.get('calls'), ',.0f'):>8}"
-            f"{_f(one.get('p50_us'), ',.1f'):>10}{_f(one.get('p95_us'), ',.1f'):>10}"
-        )
-        for key in ("batch_all_cores", "batch_one_thread"):
-            part = inproc.get(key) or {}
-            label = (
-                f"in-process onnxruntime, {_f(part.get('rows'), ',.0f')} rows, "
-                f"{_f(part.get('threads'), ',.0f')} thread(s)"
-            )
-            lines.append(f"  {label:<46}{'':>38}  {_f(part.get('rows_per_s'), ',.0f')} rows/s")
-        if inproc.get("warning"):
-            lines.append(f"  {'':<46}  warning: {inproc['warning']}")
-    else:
-        lines.append(_unavailable("in-process onnxruntime", inproc.get("reason")))
-    if worker.get("start_to_ready_s") is not None:
-        lines.append(f"  {'worker start -> ready':<46}{'':>38}  {_f(worker['start_to_ready_s'])} s")
-
-    lines += ["", "goals (ratios from this run)"]
-    for key, r in report.get("ratios", {}).items():
-        if r["value"] is None:
-            lines.append(f"  {key:<8}{r['label']}: {r['unavailable']}")
-            continue
-        verdict = "" if r["met"] is None else ("  met" if r["met"] else "  NOT met")
-        goal = f"  goal {r['goal']}" if r["goal"] else "  (information)"
-        lines.append(f"  {key:<8}{r['value']:>8.3f}  {r['label']}{goal}{verdict}")
-        if r["note"]:
-            lines.append(f"  {'':<18}({r['note']})")
-    for key, g in report.get("goals", {}).items():
-        if g["value"] is None:
-            lines.append(f"  {key:<8}{g['label']}: {g['unavailable']}")
-            continue
-        verdict = "  met" if g["met"] else "  NOT met"
-        lines.append(f"  {key:<8}{g['value']:>8.2f}  {g['label']}  goal {g['goal']}{verdict}")
-        if g.get("detail"):
-            lines.append(f"  {'':<18}({g['detail']})")
-
-    checks = report.get("checks") or {}
-    lines += ["", f"checks: {'passed' if checks.get('passed') else 'FAILED'}"]
-    for item in checks.get("items", []):
-        lines.append(f"  [{item['status']}] {item['name']}: {item['detail']}")
-    return "\n".join(lines)
+def _loop_lag(value: Any) -> dict[str, Any]:
+    lag = as_number(value)
+    return {
+        "label": "most the asyncio client held its loop (a 1 ms ticker late while it ran), ms",
+        "path": "clients.loop_lag.held_max_ms",
+        "value": lag,
+        "goal": f"<= {A2_GOAL_MS:g}",
+        "met": None if lag is None else lag <= A2_GOAL_MS,
+        "unavailable": None if lag is not None else "not measured",
+    }

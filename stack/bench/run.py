@@ -40,8 +40,10 @@ from contract.errors import BenchError
 from contract.names import TASK_NOOP
 from producer.client import Client, resolve_queue
 from producer.settings import ProducerSettings, redact
+from stack.bench.clients import async_vs_sync
 from stack.bench.config import FULL, QUICK, BenchConfig, latency_summary
 from stack.bench.deployment import Deployment, embedded
+from stack.bench.gateway import gateway
 from stack.bench.jobs import (
     WARMUP_JOBS,
     batch_jobs,
@@ -55,12 +57,8 @@ from stack.bench.local import (
     inprocess,
     training_summary,
 )
-from stack.bench.report import (
-    compute_goals,
-    compute_ratios,
-    format_report,
-    machine_info,
-)
+from stack.bench.report import compute_goals, compute_ratios, machine_info
+from stack.bench.table import format_report
 from worker.health import live_states
 
 REPORT_VERSION = 1
@@ -130,6 +128,20 @@ def measure(
     if not with_noop:
         report["sustained"]["noop"] = unavailable
 
+    say(f"asyncio client vs sync client: {config.client_jobs} single-row jobs each")
+    rows = rng.uniform(0, 1, (config.client_jobs, n))
+    report["clients"] = async_vs_sync(client, rows, queue)
+
+    say(f"HTTP gateway: {config.single_jobs} round trips, {config.sustained_jobs} sustained")
+    report["gateway"] = gateway(
+        client,
+        rng.uniform(0, 1, (config.single_jobs + WARMUP_JOBS, n)),
+        rng.uniform(0, 1, (config.sustained_jobs, n)),
+        queue,
+        work_dir / "bench-gateway.log",
+        WARMUP_JOBS,
+    )
+
     batch_rows = min(config.batch_rows, info.max_batch_rows)
     in_flight = config.in_flight or client.settings.max_in_flight
     say(f"batch jobs: {config.batch_jobs} x {batch_rows} rows")
@@ -184,6 +196,23 @@ def checks(report: dict[str, Any]) -> dict[str, Any]:
                 f"{part['failed']} of {part['jobs']} failed"
                 + (f" (first: {part['first_error']})" if part["first_error"] else ""),
             )
+    gw = report.get("gateway") or {}
+    if gw.get("available"):
+        failed = gw["sequential"]["failed"] + gw["sustained"]["failed"]
+        _check(
+            items,
+            "gateway: every request answered 200",
+            failed == 0,
+            f"{failed} of {gw['sustained']['jobs'] + gw['sequential']['gateway']['count']} failed",
+        )
+    clients = report.get("clients") or {}
+    if clients:
+        _check(
+            items,
+            "asyncio and sync clients: no failed job",
+            clients["failed"] == 0,
+            f"{clients['failed']} of {2 * clients['jobs']} failed",
+        )
     return {"passed": all(i["status"] != "FAILED" for i in items), "items": items}
 
 
@@ -287,6 +316,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-rows", type=int, default=None, help="bulk rows per chunk")
     p.add_argument("--in-flight", type=int, default=None, help="bulk chunks / batch jobs")
     p.add_argument("--inprocess-rows", type=int, default=None, help="in-process batch (65536)")
+    p.add_argument("--client-jobs", type=int, default=None, help="asyncio vs sync jobs (10000)")
     p.add_argument("--json-out", type=Path, default=Path("out/bench.json"))
     p.add_argument("--work-dir", type=Path, default=None, help="worker log and bulk files")
     p.add_argument("--seed", type=int, default=0)

@@ -25,7 +25,7 @@ from producer.settings import ProducerSettings
 from stack.bench import jobs as bench_jobs
 from stack.bench import local as bench_local
 from stack.bench import run as bench
-from stack.bench.report import format_report
+from stack.bench.table import format_report
 from tests.support import RunningWorker, TrainedModel
 
 pytestmark = pytest.mark.integration
@@ -138,8 +138,23 @@ def test_each_ratio_is_the_documented_quotient_of_the_raw_figures(
     p1 = bulk["rows_per_s"] / all_cores["rows_per_s"]
     p2 = ours["jobs_per_s"] / plain["jobs_per_s"]
     p3 = predict["p50_ms"] / noop["p50_ms"]
+    gw, clients = report["gateway"], report["clients"]
+    g1 = gw["sustained"]["jobs_per_s"] / plain["jobs_per_s"]
+    g2 = gw["sequential"]["gateway"]["p50_ms"] / gw["sequential"]["direct_client"]["p50_ms"]
+    a1 = clients["async"]["jobs_per_s"] / clients["sync"]["jobs_per_s"]
+    assert gw["sustained"]["jobs_per_s"] == pytest.approx(
+        gw["sustained"]["jobs"] / gw["sustained"]["seconds"], rel=1e-12
+    )
     ratios = report["ratios"]
-    assert sorted(ratios) == ["P1", "P2", "P3"]
+    assert sorted(ratios) == ["A1", "G1", "G2", "P1", "P2", "P3"]
+    # G1 gateway / plain Celery (>= 3), G2 gateway p50 / direct p50 (<= 2), A1 asyncio /
+    # sync client (>= 0.8).
+    for key, value, met in (("G1", g1, g1 >= 3), ("G2", g2, g2 <= 2), ("A1", a1, a1 >= 0.8)):
+        assert ratios[key]["value"] == pytest.approx(value, rel=1e-12), key
+        assert ratios[key]["met"] is met, key
+    assert gw["sustained"]["failed"] == gw["sequential"]["failed"] == clients["failed"] == 0
+    a2 = report["goals"]["A2"]
+    assert a2["value"] == clients["loop_lag"]["held_max_ms"] <= clients["loop_lag"]["max_ms"]
     assert ratios["P1"]["value"] == pytest.approx(p1, rel=1e-12)
     assert ratios["P2"]["value"] == pytest.approx(p2, rel=1e-12)
     assert ratios["P3"]["value"] == pytest.approx(p3, rel=1e-12)
