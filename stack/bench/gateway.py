@@ -25,6 +25,7 @@ from stack.embedded_redis import free_port
 from stack.processes import gateway_process, wait_http
 
 CONNECTIONS = 64
+WARMUP_PER_CONNECTION = 4
 READY_TIMEOUT_S = 30.0
 
 
@@ -146,6 +147,15 @@ async def _sustained(
             else:
                 failed += 1
 
+    # Untimed: every connection's first requests, and the gateway's first of everything
+    # (its model info, its Redis connections, uvicorn's per-connection set-up).
+    warm = iter(range(min(WARMUP_PER_CONNECTION * CONNECTIONS, len(rows))))
+
+    async def warm_up(conn: _Connection) -> None:
+        for i in warm:
+            await conn.post("/api/v1/predict", {"data": rows[i]})
+
+    await asyncio.gather(*(warm_up(c) for c in connections))
     start = time.perf_counter()
     try:
         await asyncio.gather(*(serve(c) for c in connections))

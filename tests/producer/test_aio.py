@@ -186,3 +186,24 @@ def test_concurrent_waits_share_one_lookup_per_poll_and_stop_when_nobody_waits()
     assert max(lookups) == 50  # every waited-on job in one MGET
     assert len(lookups) < 50  # not one poll per waiter
     assert later == settled  # no lookups once nobody waits
+
+
+def test_concurrent_sends_to_one_queue_go_out_in_one_push_in_order() -> None:
+    async def send(client: AsyncClient) -> tuple[list[str], list[int], list[str]]:
+        pushes: list[int] = []
+        lpush = client.broker.lpush
+
+        async def counting_lpush(name: str, *values: Any) -> int:
+            pushes.append(len(values))
+            return int(await lpush(name, *values))
+
+        client.broker.lpush = counting_lpush  # type: ignore[method-assign]
+        await client.model_info()  # read once, as a running service has
+        ids = await asyncio.gather(*(client.submit([float(i), 1.0]) for i in range(20)))
+        raws = await client.broker.lrange("inference.cpu.rows", 0, -1)
+        queued = [json.loads(raw)["headers"]["id"] for raw in reversed(raws)]
+        return list(ids), pushes, queued
+
+    ids, pushes, queued = run(send)
+    assert pushes == [20]  # one LPUSH for the twenty submits issued together
+    assert queued == ids  # in the order they were submitted
