@@ -25,8 +25,10 @@ from producer.settings import ProducerSettings
 log = logging.getLogger(__name__)
 
 YIELD_EVERY = 256
-FIRST_LOOK_S = 0.00025
 """Messages built, or results parsed, between two yields to the event loop."""
+
+FIRST_LOOK_S = 0.00025
+"""The shared poller's first delay, and again after each look that finds a job finished."""
 
 
 class AsyncClient(ClientCore):
