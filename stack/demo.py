@@ -206,8 +206,7 @@ def demo_gateway(redis_url: str, out_dir: Path, settings: ProducerSettings) -> N
         return
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "REDIS_URL": redis_url}
-    env.pop("INFERENCE_REDIS_URL", None)
+    env = celery_env(redis_url)
     say(f"the HTTP gateway (python -m gateway) on {base}; log in {out_dir}/gateway.log")
     gateway = gateway_process(env, out_dir / "gateway.log", port).start()
     try:

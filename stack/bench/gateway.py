@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from producer.client import Client
 from stack.bench.config import latency_summary
 from stack.bench.jobs import forget
 from stack.embedded_redis import free_port
-from stack.processes import gateway_process, wait_http
+from stack.processes import celery_env, gateway_process, wait_http
 
 CONNECTIONS = 64
 WARMUP_PER_CONNECTION = 4
@@ -32,10 +31,8 @@ READY_TIMEOUT_S = 30.0
 @contextlib.contextmanager
 def gateway_server(client: Client, log_path: Path) -> Iterator[str]:
     """A gateway on a free loopback port, for the client's Redis; its base URL."""
-    env = dict(os.environ)
     settings = client.settings
-    env["REDIS_URL"] = settings.redis_url
-    env.pop("INFERENCE_REDIS_URL", None)
+    env = celery_env(settings.redis_url)
     for name, value in (
         ("BROKER_URL", settings.broker_url),
         ("RESULT_BACKEND", settings.result_backend),

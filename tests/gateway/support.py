@@ -4,11 +4,6 @@ port, and checks of its answers."""
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -20,6 +15,7 @@ import pytest
 
 from gateway.problems import ERROR_TYPE_BASE
 from stack.embedded_redis import free_port
+from stack.processes import CeleryProcess, celery_env, gateway_process, wait_http
 from tests.support import TrainedModel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,28 +30,23 @@ PROBLEM = "application/problem+json"
 @dataclass
 class GatewayServer:
     url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
+    process: CeleryProcess
 
     def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""
+        return self.process.log_tail(chars)
 
     @property
     def running(self) -> bool:
-        return self.process.poll() is None
+        return self.process.running
 
 
 def gateway_env(redis_url: str, **settings: object) -> dict[str, str]:
-    """The current environment plus REDIS_URL and INFERENCE_<NAME> settings, less this
-    machine's own INFERENCE_GATEWAY_* (a token set here would change what the tests see)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_GATEWAY_")}
-    env.pop("INFERENCE_REDIS_URL", None)
-    env["REDIS_URL"] = redis_url
-    for name, value in settings.items():
-        env[f"INFERENCE_{name.upper()}"] = str(value)
+    """celery_env's environment, less this machine's own INFERENCE_GATEWAY_* (a token set
+    here would change what the tests see)."""
+    env = celery_env(redis_url, **settings)
+    for name in [n for n in env if n.startswith("INFERENCE_GATEWAY_")]:
+        if name.removeprefix("INFERENCE_").lower() not in settings:
+            del env[name]
     return env
 
 
@@ -63,46 +54,13 @@ def gateway_env(redis_url: str, **settings: object) -> dict[str, str]:
 def run_gateway(redis_url: str, log_path: Path, **settings: object) -> Iterator[GatewayServer]:
     """Start `python -m gateway`, wait until it answers, hand it over; stop it afterwards."""
     port = free_port()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env=gateway_env(redis_url, **settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = GatewayServer(f"http://127.0.0.1:{port}", process, log_path)
+    process = gateway_process(gateway_env(redis_url, **settings), log_path, port).start()
+    server = GatewayServer(f"http://127.0.0.1:{port}", process)
     try:
-        wait_ready(server)
+        wait_http(process, f"{server.url}/openapi.json", READY_TIMEOUT_S)
         yield server
     finally:
-        stop(process)
-
-
-def wait_ready(server: GatewayServer) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not server.running:
-            raise RuntimeError(f"the gateway exited:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.url}/openapi.json", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"the gateway did not answer in {READY_TIMEOUT_S:g}s:\n{server.log_tail()}")
-
-
-def stop(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.stop(timeout_s=10.0)
 
 
 def problem(response: httpx.Response, status: int, title: str | None = None) -> dict[str, Any]:
