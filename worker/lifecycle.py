@@ -83,9 +83,7 @@ def _check_and_maybe_load(sender: Any, **_: Any) -> None:
     consumed = sorted(sender.app.amqp.queues.consume_from or [QUEUE_CPU])
     lanes = lane_queues(consumed) if settings.row_lane else []
     queues = sorted({*consumed, *lanes})
-    _identity.update(
-        hostname=sender.hostname, queues=queues, pool=pool, lanes=lanes, app=sender.app
-    )
+    _identity.update(hostname=sender.hostname, queues=queues, pool=pool, lanes=lanes)
     log.info(
         "worker %s: queues %s, pool %s, broker %s",
         sender.hostname,
