@@ -41,7 +41,7 @@ def task_message(
     # typed error in the result, rather than the producer failing to send.
     body = json.dumps([[], kwargs, _NO_EMBED], separators=(",", ":"))
     # Properties, then headers, then the body: the worker's take script finds the delivery
-    # tag near the start without reading through a large body (worker/lane/take.lua).
+    # tag near the start without reading through a large body (worker/broker/take.lua).
     message = {
         "properties": {
             "correlation_id": task_id,

@@ -47,6 +47,21 @@ MODEL_INFO_PREFIX = "inference:model:info:"
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 
+# Beside them (broker database), which worker process holds each message: a set of delivery
+# tags per holder (one consumer of one process), and a key with a TTL that the holder keeps
+# alive. Once it lapses (the process died, or lost its connection), any live worker hands the
+# holder's messages back (worker.broker.holders).
+HELD_PREFIX = "inference:held:"
+ALIVE_PREFIX = "inference:alive:"
+
+
+def held_key(holder: str) -> str:
+    return f"{HELD_PREFIX}{holder}"
+
+
+def alive_key(holder: str) -> str:
+    return f"{ALIVE_PREFIX}{holder}"
+
 
 # Where Celery's Redis result backend keeps a task's result document.
 RESULT_KEY_PREFIX = "celery-task-meta-"

@@ -12,6 +12,7 @@ from celery import Celery
 from contract.names import QUEUE_CPU, TASK_HEALTH, TASK_PREDICT, TASK_PREDICT_BATCH, row_queue
 from producer.connections import celery_ssl_options
 from worker import lifecycle
+from worker.broker.transport import transport_for
 from worker.settings import load
 
 settings = load()
@@ -28,6 +29,9 @@ app.conf.update(
     # At-least-once: a job is acknowledged after it ran, and handed to another
     # worker if its process dies. Predictions are idempotent, so a rerun is harmless.
     task_acks_late=True,
+    # kombu's Redis transport with an atomic take (worker.broker): a job is recorded as held
+    # in the step that takes it off the queue, so no instant of a worker's death loses it.
+    broker_transport=transport_for(settings.broker),
     task_reject_on_worker_lost=True,
     worker_cancel_long_running_tasks_on_connection_loss=True,
     broker_transport_options={
@@ -39,6 +43,7 @@ app.conf.update(
         # The scan's lock outlives a worker that dies holding it (or a Redis restart) by
         # this long; kombu's 5 minutes would hold back every redelivery that long.
         "unacked_mutex_expire": 30,
+        "held_ttl_s": settings.held_ttl_s,
     },
     broker_connection_retry_on_startup=True,
     # A result that cannot be written while Redis restarts is retried, not lost.

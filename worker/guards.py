@@ -23,6 +23,7 @@ from celery.worker.consumer import Consumer
 from celery.worker.strategy import default as default_strategy
 
 from contract.errors import InvalidInput, MessageTooLarge
+from contract.names import TASK_PREDICT
 from worker.messages import body_problem, body_size, envelope_problem
 from worker.settings import load
 
@@ -54,14 +55,15 @@ def checked_strategy(task: Task, app: Any, consumer: Any, **options: Any) -> Cal
       Celery logs it and drops it) instead of wedging the consumer in a reconnect loop.
     - Size: Celery's handler decodes the body's JSON here (to tell protocol variants
       apart), copies it to the pool process and has it decoded again there. A body over
-      max_message_bytes is replaced by an empty one first, and the task fails the job with
-      MessageTooLarge: the producer gets a typed error, and the pool never sees the bytes.
+      max_message_bytes (max_row_message_bytes for a single row) is replaced by an empty
+      one first, and the task fails the job with MessageTooLarge: the producer gets a
+      typed error, and the pool never sees the bytes.
     - Time limits: a producer may not stretch them per message (the header is dropped).
 
     A refused message with a usable id gets an InvalidInput FAILURE result.
     """
     handle = default_strategy(task, app, consumer, **options)
-    limit = load().max_message_bytes
+    limit = message_limit(task.name)
 
     def handle_checked(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
         if body is not None:
@@ -178,10 +180,19 @@ def bound_decompression(limit: int) -> None:
         kombu.compression.register(encoder, decoder, content_type)
 
 
+def message_limit(task_name: str | None) -> int:
+    """The largest message body accepted for a task: a single row's is far smaller than a
+    batch's."""
+    settings = load()
+    if task_name == TASK_PREDICT:
+        return min(settings.max_message_bytes, settings.max_row_message_bytes)
+    return settings.max_message_bytes
+
+
 def refuse_oversized(request: Any) -> None:
     """MessageTooLarge for a message checked_strategy found over the limit (and emptied)."""
     size = getattr(request, MESSAGE_BYTES_HEADER, None)
-    limit = load().max_message_bytes
+    limit = message_limit(getattr(request, "task", None))
     if isinstance(size, int) and size > limit:
         if getattr(request, "compression", None):
             # The decompressor stopped at limit + 1 bytes: the real size is unknown.

@@ -8,7 +8,7 @@ loaded and warmed before the first job is taken. Then each process starts its ro
 lane (worker.lane) beside every queue the worker consumes.
 
 Nothing is connected at import: the app module calls `connect()`, and the patches to
-kombu (worker.kombu_fixes, worker.guards.bound_decompression) are applied in `worker_init`,
+kombu (worker.guards.bound_decompression) is applied in `worker_init`,
 in the worker's main process, before its pool forks.
 """
 
@@ -32,8 +32,8 @@ from contract.errors import StartupError
 from contract.names import QUEUE_CPU, row_queue
 from producer.connections import RedisUnreachable, check_redis
 from producer.settings import redact
-from worker import kombu_fixes, runtime
-from worker.guards import bound_decompression
+from worker import heap, runtime
+from worker.guards import MESSAGE_BYTES_HEADER, bound_decompression
 from worker.lane.server import RowLane
 from worker.model import check_provider, resolve_artifact
 from worker.settings import WorkerSettings, load
@@ -77,7 +77,7 @@ def _refuse(reason: str) -> None:
 def _check_and_maybe_load(sender: Any, **_: Any) -> None:
     """`sender` is the celery.apps.worker.Worker being started."""
     settings = load()
-    kombu_fixes.apply()
+    heap.return_large_blocks()  # before the pool forks: its processes inherit it
     bound_decompression(settings.max_message_bytes)
     pool = pool_name(sender.pool_cls)
     consumed = sorted(sender.app.amqp.queues.consume_from or [QUEUE_CPU])
@@ -163,13 +163,19 @@ def _stop(**_: Any) -> None:
 # until long-lived objects grow by 25%: a pool process that fails jobs grew from ~100 to
 # ~200 MB before one ran. A full collection every so many failures keeps it flat, for a
 # few milliseconds each (measured: ~45 ms with the model loaded, amortized <0.5 ms/failure).
+# The garbage of a failed job holds its arguments too: a batch of megabytes is collected at
+# once, whatever the count, so a stream of large bad jobs cannot grow a process by their
+# size each (one of 1,000,000 features held ~60 MB until the hundredth failure).
 COLLECT_EVERY_FAILURES = 100
+COLLECT_AFTER_BYTES = 1024 * 1024
 _failures_since_collect = 0
 
 
-def _collect_failure_garbage(**_: Any) -> None:
+def _collect_failure_garbage(sender: Any = None, **_: Any) -> None:
     global _failures_since_collect
     _failures_since_collect += 1
-    if _failures_since_collect >= COLLECT_EVERY_FAILURES:
+    size = getattr(getattr(sender, "request", None), MESSAGE_BYTES_HEADER, None)
+    large = isinstance(size, int) and size >= COLLECT_AFTER_BYTES
+    if large or _failures_since_collect >= COLLECT_EVERY_FAILURES:
         _failures_since_collect = 0
         gc.collect()

@@ -46,6 +46,11 @@ class WorkerSettings(ConnectionSettings):
     MessageTooLarge before their JSON is decoded. Keep it above the largest legitimate batch
     (max_batch_rows rows of JSON numbers, about 20 bytes per feature value)."""
 
+    max_row_message_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest inference.predict (single-row) message accepted, in bytes: one row of 40,000
+    features fits. A larger one fails with MessageTooLarge before its JSON is decoded, so a
+    hostile row of millions of features costs the worker nothing but its bytes."""
+
     task_soft_time_limit_s: float = Field(default=60.0, gt=0)
     """Seconds after which a running task is interrupted with an error."""
 
@@ -56,6 +61,13 @@ class WorkerSettings(ConnectionSettings):
     """Seconds after which a job delivered to a worker that never acknowledged it (the
     worker died) is handed to another worker. Must exceed the longest a job can wait
     in a worker's prefetch buffer plus run: task_time_limit_s x (prefetch_multiplier + 1)."""
+
+    held_ttl_s: float = Field(default=15.0, ge=1)
+    """Seconds a worker process's hold on the jobs it took outlives its last refresh (each
+    process refreshes it every third of this, from a thread of its own). Once it lapses (the
+    process died, or lost its Redis connection), any live worker hands those jobs back: they
+    run again within about held_ttl_s + restore_interval_s of the death, instead of after the
+    visibility timeout. A live process, however slow its jobs, keeps its hold."""
 
     restore_interval_s: float = Field(default=5.0, gt=0)
     """Seconds between two scans for jobs whose visibility timeout has passed."""
@@ -92,6 +104,8 @@ class WorkerSettings(ConnectionSettings):
     def _limits_are_consistent(self) -> WorkerSettings:
         if self.task_soft_time_limit_s > self.task_time_limit_s:
             raise ValueError("task_soft_time_limit_s must not exceed task_time_limit_s")
+        if self.held_ttl_s >= self.visibility_timeout_s:
+            raise ValueError("held_ttl_s must be below visibility_timeout_s")
         held = self.task_time_limit_s * (self.prefetch_multiplier + 1)
         if self.visibility_timeout_s <= held:
             # Redis would hand a job still waiting or running in one worker to a second one.

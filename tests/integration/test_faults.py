@@ -33,6 +33,7 @@ FAST_RECOVERY = {
     "task_soft_time_limit_s": 0.5,
     "restore_interval_s": 1,
     "heartbeat_s": 0.3,
+    "held_ttl_s": 2,
 }
 
 
@@ -116,6 +117,7 @@ def test_redis_restart_during_bulk_scoring_loses_no_row(
     env = celery_env(
         server.url, model_dir=trained_model.model_dir, visibility_timeout_s=12,
         task_time_limit_s=2, task_soft_time_limit_s=1.5, restore_interval_s=1, heartbeat_s=0.3,
+        held_ttl_s=3,
     )  # fmt: skip
     name = f"restart-{uuid.uuid4().hex[:6]}@tests"
     worker = start_worker(env, tmp_path, "inference.cpu", name, 2)

@@ -391,3 +391,35 @@ def test_a_batch_the_lane_cannot_serve_fails_its_jobs_instead_of_holding_them(
     while time.monotonic() < deadline and not client.exists(result_key(late)):
         time.sleep(0.01)
     assert meta(client, late)["status"] == "SUCCESS"
+
+
+def test_a_stored_success_is_never_overwritten_by_a_job_reusing_its_id(
+    client: redis.Redis,
+    lanes: Callable[..., RowLane],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Celery's rule, on the lane too: the first successful result of a task id stays."""
+    lane = lanes()
+    first_id, first = task_message(TASK_PREDICT, {"features": FIVE}, QUEUE)
+    client.lpush(QUEUE, first)
+    lane.serve(lane.take())
+    stored = client.get(result_key(first_id))
+    assert stored is not None and json.loads(stored)["status"] == "SUCCESS"
+    # Another sender reuses the id, with other features, then with bad ones.
+    _, again = task_message(TASK_PREDICT, {"features": [9.0] * 5}, QUEUE, first_id)
+    _, bad = task_message(TASK_PREDICT, {"features": [1.0]}, QUEUE, first_id)
+    client.lpush(QUEUE, again, bad)
+    with caplog.at_level("WARNING"):
+        lane.serve(lane.take())
+    assert client.get(result_key(first_id)) == stored
+    assert "already holds a successful result" in caplog.text
+    assert client.hlen(UNACKED_KEY) == 0  # released all the same
+    # A result that is not a success (here a failure) is replaced by a later run's.
+    failed_id, failing = task_message(TASK_PREDICT, {"features": [1.0]}, QUEUE)
+    client.lpush(QUEUE, failing)
+    lane.serve(lane.take())
+    assert meta(client, failed_id)["status"] == "FAILURE"
+    _, fixed = task_message(TASK_PREDICT, {"features": FIVE}, QUEUE, failed_id)
+    client.lpush(QUEUE, fixed)
+    lane.serve(lane.take())
+    assert meta(client, failed_id)["status"] == "SUCCESS"

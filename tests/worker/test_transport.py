@@ -43,7 +43,11 @@ def test_the_held_record_is_what_kombus_restore_reads() -> None:
     assert (exchange, routing_key) == ("", "q.rows")
 
 
-def test_a_task_id_is_found_in_the_head_of_a_message_too_large_to_decode() -> None:
+def test_a_task_id_is_found_at_either_end_of_a_message_too_large_to_decode() -> None:
     task_id, raw = task_message(TASK_PREDICT, {"features": [0.5] * 500_000}, "q.rows")
-    assert transport.task_id_in_head(raw.encode()) == task_id
-    assert transport.task_id_in_head(b'{"body": "' + b"x" * 10_000 + b'"}') is None
+    assert transport.task_id_in_ends(raw.encode()) == task_id
+    assert transport.task_id_in_ends(b'{"body": "' + b"x" * 10_000 + b'"}') is None
+    # A stock kombu client writes the body first: the id and task name are at the end.
+    stock = b'{"body": "' + b"x" * 100_000 + b'", "headers": {"task": "t.n", "id": "abc"}}'
+    assert transport.task_id_in_ends(stock) == "abc"
+    assert transport.task_name_in_ends(stock) == "t.n"

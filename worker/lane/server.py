@@ -38,7 +38,7 @@ from contract.errors import (
 from contract.names import HEADER_ENQUEUED_AT, TASK_PREDICT, TASK_PREDICT_BATCH
 from contract.schemas import PredictRequest
 from worker import results, service
-from worker.lane.transport import RowTransport, task_id_in_head
+from worker.lane.transport import RowTransport, task_id_in_ends, task_name_in_ends
 from worker.messages import body_problem, envelope_problem
 from worker.runtime import Runtime
 
@@ -221,8 +221,12 @@ class RowLane:
         # it is served all the same, with nothing to acknowledge, and is lost only if this
         # process dies within the batch.
         limit = self.rt.settings.max_message_bytes
+        row_limit = self.rt.settings.max_row_message_bytes
+        # A single row's message is far smaller than a batch's: refused unread.
+        if row_limit < len(raw) <= limit and task_name_in_ends(raw) == TASK_PREDICT:
+            limit = row_limit
         if len(raw) > limit:
-            task_id = task_id_in_head(raw)
+            task_id = task_id_in_ends(raw)
             if task_id is None:
                 log.error("row lane: dropped a message of %d bytes on %s", len(raw), self.queue)
             error = MessageTooLarge(f"message of {len(raw)} bytes exceeds the maximum of {limit}")

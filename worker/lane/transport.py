@@ -1,20 +1,17 @@
 """The row lane's side of kombu's Redis transport: take messages, write results, release.
 
-The only code in the worker that knows how kombu keeps a queue in Redis: a list named after
-the queue (a message sent with a priority in a list of its own, `<queue>\\x06\\x16<priority>`),
-and a delivered message held until acknowledged in the `unacked` hash (tag -> the JSON list
-`[message, exchange, routing key]`) and the `unacked_index` sorted set (tag by delivery
-time), from where kombu's own restore hands it back to its queue after the visibility
-timeout. The pinned kombu versions (pyproject.toml) keep that layout; a test against
-kombu's restore fails if it changes.
+Takes with the worker's atomic take (worker.broker: popped and recorded as held, by this
+lane's holder, in one step), so a process killed at any moment loses nothing, and its held
+jobs go back to the queue once its holder lapses.
 
 Results are written as Celery's Redis backend writes them (SET with the result TTL, then
-PUBLISH for AsyncResult.get()); the documents come from worker.results.
+PUBLISH for AsyncResult.get()), by its rule (a stored SUCCESS is never overwritten, whoever
+sends a job under the same id later), in one script (store.lua); the documents come from
+worker.results.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -22,18 +19,19 @@ from importlib import resources
 
 import redis
 
-from contract.names import UNACKED_INDEX_KEY, UNACKED_KEY
+from contract.names import UNACKED_INDEX_KEY, UNACKED_KEY, held_key
 from producer.connections import redis_client
+from worker.broker.holders import holders, new_holder
+from worker.broker.layout import (  # re-exported: the lane's view of kombu's layout
+    PRIORITY_SEP,
+    PRIORITY_STEPS,
+    Take,
+    held_record_tail,
+    priority_lists,
+)
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-PRIORITY_SEP = "\x06\x16"
-"""kombu's separator between a queue's name and a priority in the name of its list."""
-
-PRIORITY_STEPS = (0, 3, 6, 9)
-"""kombu's priorities with a list of their own, served in this order (0, the default,
-is the queue's own list)."""
 
 TAKE_MAX_BYTES = 256 * 1024
 """What one take gathers at most, in bytes (the first message is taken whatever its size):
@@ -45,24 +43,27 @@ WRITE_RETRY_S = 60.0
 """Seconds a write of results is retried while Redis is away; the messages stay held
 (unacknowledged) meanwhile, and come back to the queue if this process gives up or dies."""
 
-_ID_IN_HEAD = re.compile(rb'"id"\s*:\s*"([^"\\]{1,255})"')
+_ID_IN_HEADERS = re.compile(rb'"id"\s*:\s*"([^"\\]{1,255})"')
+_TASK_IN_HEADERS = re.compile(rb'"task"\s*:\s*"([^"\\]{1,255})"')
 
 
-def priority_lists(queue: str) -> list[str]:
-    """The Redis lists of `queue`, in the order kombu serves them."""
-    return [queue if p == 0 else f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
+def task_id_in_ends(raw: bytes, end_bytes: int = 8192) -> str | None:
+    """The task id of a message too large to decode, looked for at both ends: the producer
+    client writes its headers first, kombu's own clients after the body."""
+    return _in_ends(_ID_IN_HEADERS, raw, end_bytes)
 
 
-def held_record_tail(exchange: str, routing_key: str) -> str:
-    """What follows the message in its `unacked` record: `,"<exchange>","<routing key>"]`."""
-    return "," + json.dumps([exchange, routing_key])[1:]
+def task_name_in_ends(raw: bytes, end_bytes: int = 8192) -> str | None:
+    """The task name of a message too large to decode, found as task_id_in_ends finds ids."""
+    return _in_ends(_TASK_IN_HEADERS, raw, end_bytes)
 
 
-def task_id_in_head(raw: bytes, head_bytes: int = 8192) -> str | None:
-    """The task id of a message too large to decode, looked for in its head, where the
-    producer client writes its headers."""
-    found = _ID_IN_HEAD.search(raw[:head_bytes])
-    return found.group(1).decode() if found else None
+def _in_ends(pattern: re.Pattern[bytes], raw: bytes, end_bytes: int) -> str | None:
+    for end in (raw[:end_bytes], raw[-end_bytes:]):
+        found = pattern.search(end)
+        if found:
+            return found.group(1).decode()
+    return None
 
 
 class RowTransport:
@@ -73,24 +74,22 @@ class RowTransport:
         self.result_ttl = settings.result_ttl_s
         self.broker = redis_client(settings.broker, settings)
         self.backend = redis_client(settings.backend, settings)
-        script = resources.files(__package__).joinpath("take.lua").read_text()
-        self._take = self.broker.register_script(script)
         self._lists = priority_lists(queue)
-        # Held messages go back to the queue they came from, through the default exchange.
-        self._record_tail = held_record_tail("", queue)
+        self.holder = new_holder("lane")
+        holders().add(self.holder, self.broker, settings.held_ttl_s)
+        self._take = Take(self.broker, self.holder)
+        script = resources.files(__package__).joinpath("store.lua").read_text()
+        self._store = self.backend.register_script(script)
 
     def close(self) -> None:
+        holders().drop(self.holder)
         self.broker.close()
         self.backend.close()
 
     def take(self, most: int) -> list[tuple[str, bytes]]:
         """Up to `most` messages as (delivery tag, raw message), each recorded as held in the
         same step; "" for a message with no tag (served, but nothing to release)."""
-        flat = self._take(
-            keys=[UNACKED_KEY, UNACKED_INDEX_KEY, *self._lists],
-            args=[most, time.time(), self._record_tail, TAKE_MAX_BYTES],
-        )
-        return [(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+        return [(tag, raw) for _, tag, raw in self._take(self._lists, most, TAKE_MAX_BYTES)]
 
     def wait_for_work(self, timeout_s: int = 1) -> None:
         """Block until the queue's list has a message, without taking it: a tail-to-tail
@@ -106,16 +105,22 @@ class RowTransport:
         while True:
             try:
                 if results:
-                    with self.backend.pipeline(transaction=False) as pipe:
-                        for key, doc in results:
-                            pipe.set(key, doc, ex=self.result_ttl)
-                            pipe.publish(key, doc)
-                        pipe.execute()
+                    kept = self._store(
+                        keys=[key for key, _ in results],
+                        args=[self.result_ttl, *(doc for _, doc in results)],
+                    )
                     results = []
+                    for key in kept:
+                        log.warning(
+                            "row lane: %s already holds a successful result, kept as it is: "
+                            "a job run twice, or a task id reused by another sender",
+                            key.decode() if isinstance(key, bytes) else key,
+                        )
                 if tags:
                     with self.broker.pipeline(transaction=False) as pipe:
                         pipe.zrem(UNACKED_INDEX_KEY, *tags)
                         pipe.hdel(UNACKED_KEY, *tags)
+                        pipe.srem(held_key(self.holder), *tags)
                         pipe.execute()
                 return
             except redis.RedisError as exc:
@@ -125,5 +130,13 @@ class RowTransport:
                 time.sleep(0.5)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+__all__ = [
+    "PRIORITY_SEP",
+    "PRIORITY_STEPS",
+    "TAKE_MAX_BYTES",
+    "RowTransport",
+    "held_record_tail",
+    "priority_lists",
+    "task_id_in_ends",
+    "task_name_in_ends",
+]
