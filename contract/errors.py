@@ -107,6 +107,11 @@ class QueueFull(TransientError):
     was enqueued; send again once workers have drained it."""
 
 
+class NotReplicated(TransientError):
+    """A write reached the Redis primary, but fewer replicas than asked confirmed it in time:
+    a failover now could lose it. Sending again under the same task id is safe."""
+
+
 class TaskFailed(InferenceError):
     """A job failed for a reason outside this tree: the producer client raises it for an
     error type it does not know, and a worker stores it for a job it could not serve

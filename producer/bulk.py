@@ -23,8 +23,10 @@ journal of another job, or of another version of this program, is refused.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from contract.errors import InvalidInput
+from contract.errors import InvalidInput, NotReplicated, QueueFull
 from contract.names import TASK_PREDICT_BATCH, row_queue
 from contract.schemas import ModelInfo, check_f32_shape, decode_f32, encode_f32
 from producer.client import Client, raise_for, resolve_queue
@@ -60,6 +62,11 @@ from producer.journal import (
     journal_path,
     read_journal,
 )
+
+log = logging.getLogger(__name__)
+
+QUEUE_FULL_WAIT_MAX_S = 2.0
+"""Longest pause between two tries to send a chunk to a full queue."""
 
 __all__ = [
     "PREDICTION_COLUMN",
@@ -309,12 +316,30 @@ class _Run:
         kwargs = {"rows_f32": encode_f32(rows.values), "n_features": rows.values.shape[1]}
         # To the row queue: each worker process's row lane takes it there, without Celery's
         # per-message handling (a few milliseconds of a 20,000-row chunk's CPU).
-        task_id = self.client.send(TASK_PREDICT_BATCH, kwargs, row_queue(resolve_queue(self.queue)))
+        task_id = self._enqueue(kwargs)
         self.journal.append({"sent": chunk.index, "digest": digest, "task_id": task_id})
         pending = _pending(chunk, digest, rows.text_ends)
         self.in_flight[task_id] = pending
         self.summary.sent += 1
         return pending
+
+    def _enqueue(self, kwargs: dict[str, Any]) -> str:
+        """Send one chunk; a full queue (QueueFull, INFERENCE_MAX_QUEUE_DEPTH) or replicas that
+        lag (NotReplicated) are waited out, not failed: scoring is the job that can wait."""
+        delay = 0.05
+        task_id = str(uuid.uuid4())
+        while True:
+            try:
+                return self.client.send(
+                    TASK_PREDICT_BATCH, kwargs, row_queue(resolve_queue(self.queue)), task_id
+                )
+            except (QueueFull, NotReplicated) as exc:
+                # NotReplicated: the chunk may be queued already; the same id makes a second
+                # copy harmless (its result is the same, and the first one stored is kept).
+                if delay == 0.05:
+                    log.info("scoring waits to send a chunk: %s", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, QUEUE_FULL_WAIT_MAX_S)
 
     def _recollect(self, sent: Sent, pending: _Pending) -> bool:
         """Whether an earlier run's result for this chunk was still there (and is now

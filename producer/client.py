@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from contract.errors import NotReplicated
 from contract.names import (
     HEALTH_REPORT_KEY,
     TASK_PREDICT,
@@ -102,9 +103,24 @@ class Client(ClientCore):
     def _push(self, batch: Batch) -> int:
         # LPUSH takes many values at once; the worker pops from the other end, in order.
         limit = self.settings.max_queue_depth
-        if limit is None:
-            return int(self.broker.lpush(batch.target, *batch.texts))
-        return int(self._limited_push(keys=[batch.target], args=[limit, *batch.texts]))
+        replicas = self.settings.enqueue_replicas
+        with self.broker.pipeline(transaction=False) as pipe:
+            if limit is None:
+                pipe.lpush(batch.target, *batch.texts)
+            else:
+                self._limited_push(keys=[batch.target], args=[limit, *batch.texts], client=pipe)
+            if replicas:
+                # WAIT counts this connection's writes: the pipeline keeps both on one.
+                pipe.wait(replicas, self.settings.enqueue_replicas_timeout_ms)
+            replies = pipe.execute()
+        if replicas and int(replies[1]) < replicas and int(replies[0]) > 0:
+            raise NotReplicated(
+                f"{len(batch.texts)} job(s) on {batch.target} reached the primary, but "
+                f"{replies[1]} of {replicas} replica(s) confirmed them within "
+                f"{self.settings.enqueue_replicas_timeout_ms} ms; resending under the same "
+                "ids is safe"
+            )
+        return int(replies[0])
 
     def resend_lost(self, pending: list[str]) -> list[str]:
         """Send again, under the same ids, the pending jobs Redis no longer holds anywhere."""

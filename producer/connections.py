@@ -11,12 +11,14 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 from contract.errors import RedisAuthFailed, RedisTlsFailed, RedisUnreachable
-from producer.settings import ConnectionSettings, is_tls, redact
+from producer.settings import ConnectionSettings, SentinelTarget, is_sentinel, is_tls, redact
 
 
 def celery_ssl_options(settings: ConnectionSettings) -> dict[str, Any]:
@@ -142,7 +144,24 @@ def redis_client(
     url, options = _options(
         url, settings, connect_timeout_s, socket_timeout_s, health_check_interval_s
     )
-    return redis.Redis.from_url(url, retry=TransientRetry(_backoff(retries), retries), **options)
+    retry = TransientRetry(_backoff(retries), retries)
+    if is_sentinel(url):
+        # Each new connection asks the sentinels where the master is now: after a failover
+        # the retries above land on the new one.
+        target = SentinelTarget.parse(url)
+        sentinel = redis.sentinel.Sentinel(
+            target.nodes, sentinel_kwargs=_sentinel_kwargs(options), **options
+        )
+        client: redis.Redis = sentinel.master_for(
+            settings.sentinel_master,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            retry=retry,
+            **options,
+        )
+        return client
+    return redis.Redis.from_url(url, retry=retry, **options)
 
 
 def async_redis_client(
@@ -159,7 +178,29 @@ def async_redis_client(
         url, settings, connect_timeout_s, socket_timeout_s, health_check_interval_s
     )
     retry = AsyncTransientRetry(_backoff(retries), retries)
+    if is_sentinel(url):
+        target = SentinelTarget.parse(url)
+        sentinel = redis.asyncio.sentinel.Sentinel(
+            target.nodes, sentinel_kwargs=_sentinel_kwargs(options), **options
+        )
+        client: redis.asyncio.Redis = sentinel.master_for(
+            settings.sentinel_master,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            retry=retry,
+            **options,
+        )
+        return client
     return redis.asyncio.Redis.from_url(url, retry=retry, **options)
+
+
+def _sentinel_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    # The sentinels answer quickly or not at all: the next one is asked.
+    return {
+        "socket_connect_timeout": options["socket_connect_timeout"],
+        "socket_timeout": options["socket_connect_timeout"],
+    }
 
 
 _AUTH_REPLIES = ("NOAUTH", "WRONGPASS")

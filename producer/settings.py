@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import re
 import ssl
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TLS_SCHEME = "rediss"
+SENTINEL_SCHEME = "sentinel"
 
 
 class ConnectionSettings(BaseSettings):
@@ -34,7 +36,9 @@ class ConnectionSettings(BaseSettings):
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("INFERENCE_REDIS_URL", "REDIS_URL"),
     )
-    """Redis used as broker and result backend unless overridden below (redis:// or rediss://)."""
+    """Redis used as broker and result backend unless overridden below: redis://, rediss://, or
+    Redis Sentinel as kombu spells it, `sentinel://host1:26379;sentinel://host2:26379/0` (the
+    master's password in the first URL's user info, its name in sentinel_master)."""
 
     broker_url: str | None = None
     """Broker URL, when it must differ from redis_url."""
@@ -62,6 +66,9 @@ class ConnectionSettings(BaseSettings):
     redis_tls_key_file: FilePath | None = None
     """Private key of the client certificate, unless it is in redis_tls_cert_file."""
 
+    sentinel_master: str = "mymaster"
+    """With sentinel:// URLs: the name under which the sentinels watch the Redis master."""
+
     redis_tls_verify: bool = True
     """Verify the server's certificate and host name (ssl.CERT_REQUIRED); false is CERT_NONE."""
 
@@ -82,6 +89,10 @@ class ConnectionSettings(BaseSettings):
     def connection_url(self, url: str) -> str:
         """`url` with the credentials and TLS settings merged in; idempotent."""
         password = self.redis_password.get_secret_value() if self.redis_password else None
+        if is_sentinel(url):
+            return ";".join(
+                with_credentials(part, self.redis_username, password) for part in url.split(";")
+            )
         url = with_credentials(url, self.redis_username, password)
         if is_tls(url):
             url = with_query_defaults(url, ssl_query(self.ssl_options()))
@@ -118,6 +129,16 @@ class ProducerSettings(ConnectionSettings):
     track_sent_jobs: int = Field(default=100_000, ge=0)
     """Most recently sent jobs whose arguments are kept, to re-send them if lost."""
 
+    enqueue_replicas: int = Field(default=0, ge=0)
+    """Replicas that must have each enqueued job before a send returns (Redis WAIT, on the same
+    connection, after the push). Redis replicates asynchronously: with Sentinel, a job
+    acknowledged by the primary alone is lost if the primary dies before passing it on. 0
+    does not wait; 1 survives the loss of the primary. A send that times out raises
+    NotReplicated (retryable: the job may exist; resending under its id is safe)."""
+
+    enqueue_replicas_timeout_ms: int = Field(default=1_000, ge=1)
+    """Longest a send waits for enqueue_replicas."""
+
     max_queue_depth: int | None = Field(default=None, ge=1)
     """Most jobs a queue may hold; an enqueue that would pass it fails with QueueFull
     (retryable), checked and pushed in one atomic step. Unset: no limit. Producers that do
@@ -126,6 +147,37 @@ class ProducerSettings(ConnectionSettings):
 
 def is_tls(url: str) -> bool:
     return urlsplit(url).scheme == TLS_SCHEME
+
+
+def is_sentinel(url: str) -> bool:
+    return urlsplit(url.split(";", 1)[0]).scheme == SENTINEL_SCHEME
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """A sentinel:// URL list, parsed: the sentinels, and the master's database and
+    credentials (from the first URL that names them, as kombu reads them)."""
+
+    nodes: list[tuple[str, int]]
+    db: int
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelTarget:
+        nodes: list[tuple[str, int]] = []
+        db, username, password = 0, None, None
+        for part in url.split(";"):
+            parts = urlsplit(part.strip())
+            if parts.scheme != SENTINEL_SCHEME or not parts.hostname:
+                raise ValueError(f"not a sentinel:// URL: {redact(part)}")
+            nodes.append((parts.hostname, parts.port or 26379))
+            if parts.path.strip("/") and not db:
+                db = int(parts.path.strip("/"))
+            if parts.password is not None and password is None:
+                username = unquote(parts.username) if parts.username else None
+                password = unquote(parts.password)
+        return cls(nodes, db, username, password)
 
 
 def _split_userinfo(netloc: str) -> tuple[str | None, str]:
@@ -179,6 +231,8 @@ _QUERY_PASSWORD = re.compile(r"(^|&)(password=)[^&]*", re.IGNORECASE)
 
 def redact(url: str) -> str:
     """A URL fit for logs: any password (in the user info or the query) replaced by ***."""
+    if ";" in url:  # a sentinel:// list: each URL on its own
+        return ";".join(redact(part) for part in url.split(";"))
     parts = urlsplit(url)
     userinfo, hostport = _split_userinfo(parts.netloc)
     netloc = parts.netloc

@@ -44,7 +44,10 @@ app.conf.update(
         # this long; kombu's 5 minutes would hold back every redelivery that long.
         "unacked_mutex_expire": 30,
         "held_ttl_s": settings.held_ttl_s,
+        # Read by kombu's Sentinel transport only (sentinel:// URLs).
+        "master_name": settings.sentinel_master,
     },
+    result_backend_transport_options={"master_name": settings.sentinel_master},
     broker_connection_retry_on_startup=True,
     # A result that cannot be written while Redis restarts is retried, not lost.
     result_backend_always_retry=True,

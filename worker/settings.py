@@ -69,6 +69,15 @@ class WorkerSettings(ConnectionSettings):
     run again within about held_ttl_s + restore_interval_s of the death, instead of after the
     visibility timeout. A live process, however slow its jobs, keeps its hold."""
 
+    result_replicas: int = Field(default=0, ge=0)
+    """Replicas that must have a batch's results before the row lane acknowledges its jobs
+    (Redis WAIT, up to result_replicas_timeout_ms; past it the lane logs and goes on). With
+    Sentinel, a result on the primary alone is lost if it dies first, while its job, already
+    acknowledged, is not run again."""
+
+    result_replicas_timeout_ms: int = Field(default=1_000, ge=1)
+    """Longest the row lane waits for result_replicas."""
+
     restore_interval_s: float = Field(default=5.0, gt=0)
     """Seconds between two scans for jobs whose visibility timeout has passed."""
 

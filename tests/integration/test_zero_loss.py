@@ -137,3 +137,55 @@ def test_sigkill_of_a_whole_worker_loses_no_stock_client_job(
     assert states == {"SUCCESS": JOBS}
     got = np.array([done[t]["result"]["prediction"] for t in ids])  # type: ignore[index]
     np.testing.assert_allclose(got, trained_model.reference(rows), atol=1e-6)
+
+
+def test_a_redis_restart_mid_stream_loses_no_stock_client_job(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    """Redis SIGTERMed (it writes its AOF) and started again while a worker drains stock
+    clients' jobs on both paths: every job has its result within 60 s of Redis being back."""
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    server = EmbeddedRedis(appendonly=True, data_dir=data).start()
+    queue = f"restart.{uuid.uuid4().hex[:8]}"
+    env = celery_env(server.url, model_dir=trained_model.model_dir)  # default settings
+    name = f"r-{queue}@tests"
+    sender = Celery("stock-sender", broker=server.url)
+    sender.conf.update(task_serializer="json", accept_content=["json"])
+    rows = np.tile(trained_model.X_test, (JOBS // len(trained_model.X_test) + 1, 1))[:JOBS]
+    ids = [str(uuid.uuid4()) for _ in range(JOBS)]
+    # Half to Celery's queue, half to the row lane.
+    for i, (task_id, row) in enumerate(zip(ids, rows, strict=True)):
+        target = queue if i % 2 else row_queue(queue)
+        sender.send_task(
+            TASK_PREDICT, kwargs={"features": row.tolist()}, queue=target, task_id=task_id
+        )
+    sender.close()
+    worker = start(env, tmp_path, queue, name, 2)
+    probe = redis.Redis.from_url(server.url)
+    try:
+        while len(results(probe, ids)) < JOBS // 3:
+            assert worker.running
+            time.sleep(0.02)
+        server.stop()  # SIGTERM: Redis writes its AOF and exits, as in a restart
+        time.sleep(1.0)
+        server.start()
+        back_at = time.monotonic()
+        done = results(probe, ids)
+        while len(done) < JOBS and time.monotonic() - back_at < WITHIN_S:
+            time.sleep(0.25)
+            done = results(probe, ids)
+        last_s = time.monotonic() - back_at
+        log = worker.log_tail(1_000_000)
+    finally:
+        worker.stop()
+        probe.close()
+        server.stop()
+    states = Counter(str(doc["status"]) for doc in done.values())
+    handed_back = sum(int(n) for n in re.findall(r"handed back (\d+) job", log))
+    print(
+        f"\nrestart: sent {JOBS} to {queue} and {row_queue(queue)}, results {len(done)} "
+        f"{dict(states)} within {last_s:.1f} s of Redis being back; handed back {handed_back}"
+    )
+    assert len(done) == JOBS, f"{JOBS - len(done)} job(s) lost:\n{worker.log_tail()}"
+    assert states == {"SUCCESS": JOBS}

@@ -153,3 +153,9 @@ def test_a_closed_connections_jobs_go_back_without_waiting_out_its_hold(
     assert client.hlen(UNACKED_KEY) == 0
     back = [json.loads(raw) for raw in client.lrange(QUEUE, 0, -1)]
     assert sorted(m["headers"]["id"] for m in back) == sorted(ids)
+
+
+def test_the_sentinel_channel_reads_kombus_sentinel_options_and_ours() -> None:
+    options = SentinelTransport.Channel.from_transport_options
+    assert {"master_name", "sentinel_kwargs", "held_ttl_s"} <= set(options)
+    assert "held_ttl_s" in Transport.Channel.from_transport_options

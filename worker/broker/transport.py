@@ -168,7 +168,7 @@ def _payload(raw: bytes, tag: str) -> Any:
 
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):
-    pass
+    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options, "held_ttl_s")
 
 
 class Transport(kombu_redis.Transport):

@@ -120,6 +120,7 @@ class RowLane:
                 backoff = 0.1
             except redis.RedisError as exc:
                 log.warning("row lane: Redis error, retrying in %.1fs: %s", backoff, exc)
+                self.transport.renew_holder()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             except Exception as exc:

@@ -75,6 +75,9 @@ class RowTransport:
         self.broker = redis_client(settings.broker, settings)
         self.backend = redis_client(settings.backend, settings)
         self._lists = priority_lists(queue)
+        self.result_replicas = settings.result_replicas
+        self.result_replicas_timeout_ms = settings.result_replicas_timeout_ms
+        self.held_ttl_s = settings.held_ttl_s
         self.holder = new_holder("lane")
         holders().add(self.holder, self.broker, settings.held_ttl_s)
         self._take = Take(self.broker, self.holder)
@@ -98,6 +101,35 @@ class RowTransport:
         most `timeout_s` when nothing else arrives."""
         self.broker.blmove(self.queue, self.queue, timeout_s, "RIGHT", "RIGHT")
 
+    def _store_results(self, results: list[tuple[str, str]]) -> list[bytes | str]:
+        keys = [key for key, _ in results]
+        args: list[int | str] = [self.result_ttl, *(doc for _, doc in results)]
+        if not self.result_replicas:
+            return list(self._store(keys=keys, args=args))
+        with self.backend.pipeline(transaction=False) as pipe:
+            self._store(keys=keys, args=args, client=pipe)
+            # WAIT counts this connection's writes: the pipeline keeps both on one.
+            pipe.wait(self.result_replicas, self.result_replicas_timeout_ms)
+            kept, acked = pipe.execute()
+        if int(acked) < self.result_replicas:
+            log.warning(
+                "row lane: %d result(s) confirmed by %s of %d replica(s) within %d ms; "
+                "acknowledging their jobs all the same",
+                len(results), acked, self.result_replicas, self.result_replicas_timeout_ms,
+            )  # fmt: skip
+        return list(kept)
+
+    def renew_holder(self) -> None:
+        """Take under a new holder from now on, and let the old one lapse. After a lost
+        connection a take's reply may have been lost with it (the script ran: its messages
+        are held, but not in this process's hands) or Redis may have failed over to a replica
+        that knows another state: whatever the old holder holds there goes back once it
+        lapses, and what this process still has in hand is released as usual."""
+        holders().drop(self.holder, release=False)
+        self.holder = new_holder("lane")
+        holders().add(self.holder, self.broker, self.held_ttl_s)
+        self._take = Take(self.broker, self.holder)
+
     def finish(self, results: list[tuple[str, str]], tags: list[str]) -> None:
         """Store every result (key, document), then release every tag: a job is released
         only once its result is stored. Retried while Redis is away, up to WRITE_RETRY_S."""
@@ -105,10 +137,7 @@ class RowTransport:
         while True:
             try:
                 if results:
-                    kept = self._store(
-                        keys=[key for key, _ in results],
-                        args=[self.result_ttl, *(doc for _, doc in results)],
-                    )
+                    kept = self._store_results(results)
                     results = []
                     for key in kept:
                         log.warning(

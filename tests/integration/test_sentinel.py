@@ -1,0 +1,130 @@
+"""Redis failover under Sentinel: a primary, a replica and three sentinels (real processes);
+the primary SIGKILLed while single-row jobs stream in and a file is scored. Workers and
+producers follow the new primary without a restart; with the replica-wait options (enqueue
+and results confirmed by a replica) no job is lost. The producer's own resending of lost jobs
+is off: what is measured is what Redis and the workers keep."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from contract.errors import InferenceError
+from contract.names import TASK_PREDICT
+from producer.bulk import PREDICTION_COLUMN, score_csv
+from producer.client import Client
+from producer.settings import ProducerSettings
+from stack.embedded_sentinel import SentinelCluster
+from stack.processes import celery_env, worker_process
+from tests.support import TrainedModel
+
+pytestmark = pytest.mark.integration
+
+JOBS = 2_000
+SCORE_ROWS = 20_000
+
+
+def run_failover(trained: TrainedModel, tmp: Path, replicas: int) -> dict[str, float]:
+    rows = np.tile(trained.X_test, (SCORE_ROWS // len(trained.X_test) + 1, 1))[:SCORE_ROWS]
+    header = ",".join(trained.manifest.feature_names)
+    src, dst = tmp / "in.csv", tmp / "out.csv"
+    src.write_text(header + "\n" + "\n".join(",".join(map(repr, r.tolist())) for r in rows) + "\n")
+    with SentinelCluster() as cluster:
+        common = {"sentinel_master": cluster.master}
+        env = celery_env(
+            cluster.url, model_dir=trained.model_dir, result_replicas=replicas, **common
+        )
+        name = f"sentinel-{uuid.uuid4().hex[:6]}@tests"
+        worker = worker_process(
+            env, tmp / "w.log", queue="inference.cpu", name=name, concurrency=2
+        ).start()
+        settings = ProducerSettings(
+            redis_url=cluster.url, wait_timeout_s=90, track_sent_jobs=0,
+            enqueue_replicas=replicas, chunk_rows=1_000, **common,
+        )  # fmt: skip
+        sent: list[tuple[str, float]] = []
+        errors: list[BaseException] = []
+        kill_at = [0.0]
+
+        def stream() -> None:
+            with Client(settings) as client:
+                for at in range(0, JOBS, 20):
+                    batch = [{"features": r.tolist()} for r in rows[at : at + 20]]
+                    ids = [str(uuid.uuid4()) for _ in batch]
+                    while True:
+                        try:
+                            client.send_many(TASK_PREDICT, batch, task_ids=ids)
+                            break
+                        except (InferenceError, redis.RedisError):
+                            # Failing over, or not confirmed by a replica: send again, under
+                            # the same ids (a second copy changes no result).
+                            time.sleep(0.2)
+                    sent.extend((task_id, time.monotonic()) for task_id in ids)
+                    time.sleep(0.01)
+
+        def score() -> None:
+            with Client(settings) as client:
+                try:
+                    score_csv(client, src, dst, progress=False, max_in_flight=4)
+                except BaseException as exc:
+                    errors.append(exc)
+
+        try:
+            with Client(settings) as probe:
+                deadline = time.monotonic() + 60
+                while probe.model_info() is None:  # the worker has started
+                    assert worker.running and time.monotonic() < deadline, worker.log_tail()
+                    time.sleep(0.1)
+            threads = [threading.Thread(target=stream), threading.Thread(target=score)]
+            for thread in threads:
+                thread.start()
+            while len(sent) < JOBS // 3:
+                time.sleep(0.01)
+            cluster.kill_primary()
+            kill_at[0] = time.monotonic()
+            failover_s = cluster.wait_failover()
+            cluster.restart_old_primary()  # back as a replica of the new primary
+            for thread in threads:
+                thread.join(120)
+            with Client(settings) as client:
+                ids = [task_id for task_id, _ in sent]
+                done = {s.task_id: s for s in client.iter_finished(ids, timeout=60)} if ids else {}
+        except TimeoutError:
+            done = {}
+        finally:
+            worker.stop()
+    lost = [task_id for task_id, _ in sent if task_id not in done]
+    after = [done[task_id] for task_id, at in sent if at > kill_at[0] and task_id in done]
+    resumed_s = min((at for _, at in sent if at > kill_at[0]), default=float("nan")) - kill_at[0]
+    scored = dst.exists() and len(dst.read_text().splitlines()) == SCORE_ROWS + 1
+    figures = {
+        "sent": len(sent), "lost": len(lost), "failover_s": failover_s,
+        "first_send_after_kill_s": resumed_s, "served_after_kill": len(after),
+        "scored": float(scored),
+    }  # fmt: skip
+    print(f"\nreplica wait {replicas}: {figures}; score errors {errors}")
+    assert not errors, errors
+    assert scored and dst.read_text().splitlines()[0] == f"{header},{PREDICTION_COLUMN}"
+    assert len(sent) == JOBS and after, "service did not resume after the failover"
+    return figures
+
+
+def test_with_replica_waits_a_failover_loses_no_job(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    figures = run_failover(trained_model, tmp_path, replicas=1)
+    assert figures["lost"] == 0
+
+
+def test_without_replica_waits_service_follows_the_new_primary(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    """Redis replicates asynchronously: what the primary had not passed on is lost. Printed,
+    not asserted: it depends on the instant of the kill."""
+    run_failover(trained_model, tmp_path, replicas=0)
