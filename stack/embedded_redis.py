@@ -49,6 +49,16 @@ def redis_server_binaries() -> list[str]:
     return found
 
 
+def redis_server_version(binary: str) -> tuple[int, ...]:
+    """The version a redis-server binary reports (`Redis server v=7.0.15 ...`), () if none."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    found = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out.stdout)
+    return tuple(int(part) for part in found.groups()) if found else ()
+
+
 def redis_server_binary() -> str:
     found = redis_server_binaries()
     if found:
@@ -133,6 +143,7 @@ class EmbeddedRedis:
         port: int | None = None,
         *,
         password: str | None = None,
+        username: str | None = None,
         appendonly: bool = False,
         data_dir: Path | None = None,
         extra_args: tuple[str, ...] = (),
@@ -142,6 +153,7 @@ class EmbeddedRedis:
     ) -> None:
         self.port = port or free_port()
         self.password = password
+        self.username = username
         self.appendonly = appendonly
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="inference-redis-"))
@@ -153,7 +165,8 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        user = quote(self.username, safe="") if self.username else ""
+        auth = f"{user}:{quote(self.password, safe='')}@" if self.password else ""
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
@@ -188,7 +201,7 @@ class EmbeddedRedis:
                 "--tls-ca-cert-file", str(self.tls.ca_cert),
                 "--tls-auth-clients", self.tls_auth_clients,
             ]  # fmt: skip
-        if self.password:
+        if self.password and not self.username:  # a named user comes from an ACL file
             args += ["--requirepass", self.password]
         return [*args, *self.extra_args]
 

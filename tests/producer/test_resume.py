@@ -64,8 +64,10 @@ class FakeClient:
     def validate_rows(self, rows: list[list[float]]) -> None:
         pass
 
-    def send(self, task: str, kwargs: dict[str, Any], queue: str = "cpu") -> str:
-        task_id = str(uuid.uuid4())
+    def send(
+        self, task: str, kwargs: dict[str, Any], queue: str = "cpu", task_id: str | None = None
+    ) -> str:
+        task_id = task_id or str(uuid.uuid4())
         rows = decode_f32(kwargs["rows_f32"], kwargs["n_features"]).tolist()
         self.queued[task_id] = rows
         self.sent.append(rows[0][0])

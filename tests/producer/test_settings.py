@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from producer.settings import ProducerSettings, redact
+from producer.settings import ConnectionSettings, ProducerSettings, redact
 from worker.settings import WorkerSettings
 
 
@@ -49,3 +49,23 @@ def test_redact_hides_only_the_password() -> None:
     assert redact("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
     assert redact("rediss://user:pw@host/1") == "rediss://user:***@host/1"
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_a_sentinel_url_list_is_parsed_as_kombu_spells_it() -> None:
+    from producer.settings import SentinelTarget, is_sentinel, redact
+
+    url = "sentinel://:s%40cret@h1:26379/2;sentinel://h2:26380;sentinel://h3"
+    assert is_sentinel(url) and not is_sentinel("redis://h:6379/0")
+    target = SentinelTarget.parse(url)
+    assert target.nodes == [("h1", 26379), ("h2", 26380), ("h3", 26379)]
+    assert (target.db, target.username, target.password) == (2, None, "s@cret")
+    assert "s%40cret" not in redact(url) and redact(url).count("sentinel://") == 3
+    with pytest.raises(ValueError, match="not a sentinel"):
+        SentinelTarget.parse("sentinel://h1;redis://h2")
+
+
+def test_credentials_from_settings_reach_every_sentinel_url() -> None:
+    settings = ConnectionSettings(
+        redis_url="sentinel://h1:26379;sentinel://h2:26379", redis_password="pw"
+    )
+    assert settings.broker == "sentinel://:pw@h1:26379;sentinel://:pw@h2:26379"
