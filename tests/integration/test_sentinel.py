@@ -6,6 +6,7 @@ is off: what is measured is what Redis and the workers keep."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -26,8 +27,9 @@ from tests.support import TrainedModel
 
 pytestmark = pytest.mark.integration
 
-JOBS = 2_000
-SCORE_ROWS = 20_000
+# Suite-sized; the figures in docs/delivery.md come from 20,000 and 200,000.
+JOBS = int(os.environ.get("INFERENCE_TEST_SENTINEL_JOBS", "2000"))
+SCORE_ROWS = int(os.environ.get("INFERENCE_TEST_SENTINEL_ROWS", "20000"))
 
 
 def run_failover(trained: TrainedModel, tmp: Path, replicas: int) -> dict[str, float]:
