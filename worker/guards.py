@@ -23,6 +23,7 @@ from celery.worker.consumer import Consumer
 from celery.worker.strategy import default as default_strategy
 
 from contract.errors import InvalidInput, MessageTooLarge
+from worker import observe
 from worker.messages import body_problem, body_size, envelope_problem
 from worker.settings import load
 
@@ -64,6 +65,13 @@ def checked_strategy(task: Task, app: Any, consumer: Any, **options: Any) -> Cal
     limit = load().max_message_bytes
 
     def handle_checked(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return checked(message, body, *args, **kwargs)
+        except InvalidTaskError:
+            observe.refused(message, task.name)
+            raise
+
+    def checked(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
         if body is not None:
             # Protocol 1 (no `task` header): the consumer has decoded the whole body
             # already, and its headers would not reach the task.

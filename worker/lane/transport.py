@@ -22,18 +22,17 @@ from importlib import resources
 
 import redis
 
-from contract.names import UNACKED_INDEX_KEY, UNACKED_KEY
+from contract.names import (  # noqa: F401  (the priority layout is checked here by the tests)
+    PRIORITY_SEP,
+    PRIORITY_STEPS,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    priority_lists,
+)
 from producer.connections import redis_client
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-PRIORITY_SEP = "\x06\x16"
-"""kombu's separator between a queue's name and a priority in the name of its list."""
-
-PRIORITY_STEPS = (0, 3, 6, 9)
-"""kombu's priorities with a list of their own, served in this order (0, the default,
-is the queue's own list)."""
 
 TAKE_MAX_BYTES = 256 * 1024
 """What one take gathers at most, in bytes (the first message is taken whatever its size):
@@ -46,11 +45,6 @@ WRITE_RETRY_S = 60.0
 (unacknowledged) meanwhile, and come back to the queue if this process gives up or dies."""
 
 _ID_IN_HEAD = re.compile(rb'"id"\s*:\s*"([^"\\]{1,255})"')
-
-
-def priority_lists(queue: str) -> list[str]:
-    """The Redis lists of `queue`, in the order kombu serves them."""
-    return [queue if p == 0 else f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
 
 
 def held_record_tail(exchange: str, routing_key: str) -> str:

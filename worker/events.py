@@ -1,0 +1,174 @@
+"""Celery's task events for the jobs the row lane serves, so that `celery events`, Flower
+and anything else that follows Celery's event stream sees them as it sees any task.
+
+Celery's own path sends task events from the worker's main process; the row lane serves
+its jobs in the pool's processes, so each lane has an event dispatcher of its own and
+sends the same events (task-received, task-started, then task-succeeded, task-failed or
+task-revoked) with the worker's hostname and the serving process's pid. A batch's events
+are buffered and published together: one message, one Redis round trip per batch, which
+Celery's event receivers read as a list of events.
+
+Whether task events are on is decided in the main process, where `-E`,
+worker_send_task_events and Flower's enable_events / disable_events remote commands act on
+the consumer's dispatcher. EventsSwitch follows that dispatcher from a thread of the main
+process and publishes its state in a byte of shared memory, which the pool's processes,
+forked after it was created, read before each batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing.sharedctypes
+import sys
+import threading
+from reprlib import Repr
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TASK_GROUP = "task"
+"""The group of Celery's task events (task-received, task-started, ...)."""
+
+_repr = Repr()
+_repr.maxstring = 1024
+_repr.maxother = 1024
+_repr.maxlist = 16
+_repr.maxdict = 16
+
+
+def task_events_on(dispatcher: Any) -> bool:
+    """Whether Celery's event dispatcher `dispatcher` sends task events now."""
+    if dispatcher is None or not getattr(dispatcher, "enabled", False):
+        return False
+    groups = getattr(dispatcher, "groups", None)
+    return not groups or TASK_GROUP in groups
+
+
+class EventsSwitch:
+    """Task events on or off, shared by a worker's main process and its pool's processes.
+    Created in the main process before the pool forks."""
+
+    def __init__(self) -> None:
+        self._flag = multiprocessing.sharedctypes.RawValue("b", 0)
+        self._stop = threading.Event()
+
+    @property
+    def on(self) -> bool:
+        return bool(self._flag.value)
+
+    def set(self, on: bool) -> None:
+        self._flag.value = 1 if on else 0
+
+    def follow(self, worker: Any, interval_s: float = 0.5) -> None:
+        """Follow the event dispatcher of `worker`'s consumer (the celery WorkController),
+        from a daemon thread of this process, until stop()."""
+
+        def run() -> None:
+            while not self._stop.wait(interval_s):
+                consumer = getattr(worker, "consumer", None)
+                on = task_events_on(getattr(consumer, "event_dispatcher", None))
+                if on != self.on:
+                    log.info("task events of the row lanes %s", "on" if on else "off")
+                    self.set(on)
+
+        threading.Thread(target=run, name="inference-events-switch", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class LaneEvents:
+    """One row lane's task events: buffered per batch, published by flush()."""
+
+    def __init__(self, app: Any, hostname: str) -> None:
+        self.app = app
+        self.hostname = hostname
+        self._dispatcher: Any = None
+
+    def _open(self) -> Any:
+        if self._dispatcher is None:
+            self._dispatcher = self.app.events.Dispatcher(
+                self.app.connection_for_write(),
+                hostname=self.hostname,
+                enabled=True,
+                buffer_group=[TASK_GROUP],
+                # Published by flush() only: one message per batch, however large.
+                buffer_limit=sys.maxsize,
+            )
+        return self._dispatcher
+
+    def job(
+        self,
+        task_id: str,
+        name: str,
+        headers: dict[str, Any],
+        received: float,
+        ended: float,
+        outcome: str,
+        result: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """The events of one job served (received at `received`, ended at `ended`, Unix
+        seconds), buffered. `outcome`: success, failure, revoked or refused."""
+        send = self._open().send
+        send(
+            "task-received",
+            uuid=task_id,
+            name=name,
+            args=headers.get("argsrepr"),
+            kwargs=headers.get("kwargsrepr"),
+            root_id=headers.get("root_id"),
+            parent_id=headers.get("parent_id"),
+            retries=headers.get("retries") or 0,
+            eta=None,
+            expires=headers.get("expires"),
+            timestamp=received,
+        )
+        if outcome == "revoked":
+            send(
+                "task-revoked",
+                uuid=task_id,
+                terminated=False,
+                signum=None,
+                expired=True,
+                timestamp=ended,
+            )
+            return
+        send("task-started", uuid=task_id, timestamp=received)
+        runtime = max(0.0, ended - received)
+        if outcome == "success":
+            send(
+                "task-succeeded",
+                uuid=task_id,
+                result=_repr.repr(result),
+                runtime=runtime,
+                timestamp=ended,
+            )
+        else:
+            send(
+                "task-failed",
+                uuid=task_id,
+                exception=repr(error),
+                traceback=None,
+                runtime=runtime,
+                timestamp=ended,
+            )
+
+    def flush(self) -> None:
+        """Publish what is buffered; should the broker be away, Celery's dispatcher keeps it
+        for the next flush."""
+        if self._dispatcher is None:
+            return
+        try:
+            self._dispatcher.flush()
+        except Exception:
+            log.warning("row lane: could not publish task events", exc_info=True)
+
+    def close(self) -> None:
+        if self._dispatcher is not None:
+            with contextlib.suppress(Exception):
+                self._dispatcher.flush()
+                self._dispatcher.close()
+                self._dispatcher.connection.release()
+            self._dispatcher = None
