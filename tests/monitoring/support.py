@@ -9,13 +9,27 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from contract.names import row_queue
+from tests.support import RunningWorker
 from worker.health import live_states
+
+
+@dataclass
+class MetricsWorker:
+    worker: RunningWorker
+    port: int
+    queue: str
+
+    @property
+    def rows(self) -> str:
+        return row_queue(self.queue)
 
 
 def scrape(port: int) -> str:

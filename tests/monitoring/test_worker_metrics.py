@@ -4,8 +4,6 @@ jobs sent, per outcome and path, also after a pool process is killed and replace
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,12 +22,12 @@ from contract.metrics import (
     ROWS_TOTAL,
     TASK_SECONDS,
 )
-from contract.names import TASK_NOOP, TASK_PREDICT, TASK_PREDICT_BATCH, row_queue
+from contract.names import TASK_NOOP, TASK_PREDICT, TASK_PREDICT_BATCH
 from producer.client import Client
 from producer.settings import ProducerSettings
-from stack.embedded_redis import free_port
 from stack.processes import celery_env, worker_process
 from tests.monitoring.support import (
+    MetricsWorker,
     by,
     child_pids,
     kill_child_and_wait_replaced,
@@ -39,37 +37,9 @@ from tests.monitoring.support import (
     total,
     wait_for,
 )
-from tests.support import RunningWorker, TrainedModel, serving
+from tests.support import TrainedModel, serving
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class MetricsWorker:
-    worker: RunningWorker
-    port: int
-    queue: str
-
-    @property
-    def rows(self) -> str:
-        return row_queue(self.queue)
-
-
-@pytest.fixture(scope="module")
-def metrics_worker(
-    redis_url: str, trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[MetricsWorker]:
-    queue = f"metrics.{uuid.uuid4().hex[:8]}"
-    hostname = f"m-{queue}@tests"
-    port = free_port()
-    env = celery_env(
-        redis_url, model_dir=trained_model.model_dir, heartbeat_s=0.3, metrics_port=port,
-        metrics_addr="127.0.0.1",
-    )  # fmt: skip
-    log = tmp_path_factory.mktemp("logs") / "metrics-worker.log"
-    proc = worker_process(env, log, queue=queue, name=hostname, concurrency=2)
-    with serving(proc, redis_url, hostname, queue, processes=2) as worker:
-        yield MetricsWorker(worker, port, queue)
 
 
 def send_mix(client: Client, sender: Celery, mw: MetricsWorker, rows: list[list[float]]) -> dict:
