@@ -102,6 +102,7 @@ class Recorder:
         from prometheus_client import Counter, Gauge, Histogram
 
         self.model = (model, version, device)
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.jobs = Counter(
             JOBS_TOTAL,
             "Jobs ended, by outcome (success, failure, revoked, refused).",
@@ -165,25 +166,34 @@ class Recorder:
             multiprocess_mode="livemax",
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # prometheus_client's labels() validates and locks on every call; a lane batch
+        # touches the same few children each time.
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def ended(self, queue: str, task: str, outcome: str, jobs: int = 1, rows: int = 0) -> None:
         if jobs:
-            self.jobs.labels(queue, task, *self.model, outcome).inc(jobs)
+            self._child(self.jobs, queue, task, *self.model, outcome).inc(jobs)
         if rows:
-            self.rows.labels(queue, *self.model, outcome).inc(rows)
+            self._child(self.rows, queue, *self.model, outcome).inc(rows)
 
     def waited(self, queue: str, seconds: Sequence[float]) -> None:
         if seconds:
-            observe_many(self.queue_wait.labels(queue), seconds)
+            observe_many(self._child(self.queue_wait, queue), seconds)
 
     def computed(self, queue: str, seconds: float) -> None:
-        self.compute.labels(queue, *self.model).observe(seconds)
+        self._child(self.compute, queue, *self.model).observe(seconds)
 
     def took(self, queue: str, task: str, seconds: float, jobs: int = 1) -> None:
         if jobs:
-            observe_many(self.task.labels(queue, task), [seconds], times=jobs)
+            observe_many(self._child(self.task, queue, task), [seconds], times=jobs)
 
     def batch(self, queue: str, size: int) -> None:
-        self.lane_batch.labels(queue).observe(size)
+        self._child(self.lane_batch, queue).observe(size)
 
     def loaded(self, provider: str, hostname: str, load_s: float, warmup_s: float) -> None:
         self.load_s.labels(*self.model).set(load_s)

@@ -10,6 +10,7 @@ to Celery's task events (worker.events): one place for both paths.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -99,15 +100,23 @@ class LaneObserver:
         ended: dict[tuple[str, str], list[int]] = {}
         waits = []
         compute = None
+        wall = started.wall
         for job in jobs:
             task = task_label(job.task)
             outcome = outcome_of(job)
-            tally = ended.setdefault((task, outcome), [0, 0])
+            tally = ended.get((task, outcome))
+            if tally is None:
+                tally = ended[(task, outcome)] = [0, 0]
             tally[0] += 1
-            tally[1] += rows_of(task, job.result)
-            wait = queue_wait_ms(job.headers.get(HEADER_ENQUEUED_AT), started.wall)
-            if wait is not None:
-                waits.append(wait / 1000.0)
+            tally[1] += 1 if task == TASK_PREDICT else rows_of(task, job.result)
+            enqueued = job.headers.get(HEADER_ENQUEUED_AT)
+            # queue_wait_ms's checks, without its rounding: this runs for every job.
+            if type(enqueued) is float and math.isfinite(enqueued):
+                waits.append(max(0.0, wall - enqueued))
+            elif enqueued is not None:
+                wait = queue_wait_ms(enqueued, wall)
+                if wait is not None:
+                    waits.append(wait / 1000.0)
             if compute is None and outcome == SUCCESS:
                 compute = _inference_s(job.result)
         for (task, outcome), (n, rows) in ended.items():
