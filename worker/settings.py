@@ -88,7 +88,7 @@ class WorkerSettings(ConnectionSettings):
     warmup_runs: int = Field(default=20, ge=0)
     """Inference runs made at process start, before the first job is taken."""
 
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
     """Port the worker's main process serves Prometheus metrics on (/metrics), all its
     processes counted together (worker.metrics); unset: no metrics are kept."""
 

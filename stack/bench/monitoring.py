@@ -16,6 +16,7 @@ import itertools
 import os
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +27,46 @@ from numpy.typing import NDArray
 from contract.metrics import JOBS_TOTAL
 from contract.names import TASK_PREDICT, row_queue
 from producer.client import Client
-from stack.bench.jobs import SUSTAINED_ROUNDS, Windowed, windowed
+from stack.bench.jobs import Windowed, windowed
 from stack.embedded_redis import free_port
 from stack.processes import CeleryProcess, celery_env, wait_ready, worker_process
+from worker.health import live_states
 
 READY_TIMEOUT_S = 120.0
+
+ROUNDS = 6
+"""Alternating rounds per side: more than the other sustained figures' (a difference of a
+few per cent is measured here, on a machine that may be doing other things)."""
+
+
+@dataclass
+class _Side:
+    queue: str
+    port: int | None
+    pids: list[int]
+    """The worker's main process and its pool's."""
+
+
+def cpu_s(pids: list[int]) -> float | None:
+    """CPU seconds (user + system) the processes `pids` have used, from /proc; None where
+    there is no /proc. A measure of the work done that other load on the machine barely
+    moves, unlike throughput."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 @contextlib.contextmanager
 def _worker(
     client: Client, model_dir: Path, log_dir: Path, side: str, processes: int, on: bool
-) -> Iterator[tuple[str, int | None]]:
-    """A worker for one side: (its queue, its metrics port or None)."""
+) -> Iterator[_Side]:
+    """A worker for one side, once all its processes are ready."""
     queue = f"bench.monitoring-{side}.{os.getpid()}"
     hostname = f"bench-monitoring-{side}-{os.getpid()}@bench"
     port = free_port() if on else None
@@ -64,9 +93,11 @@ def _worker(
         probe = redis.Redis.from_url(client.settings.redis_url)
         try:
             wait_ready(proc, probe, hostname, processes, timeout_s=READY_TIMEOUT_S)
+            pool = [s.pid for s in live_states(probe, hostname=hostname)]
         finally:
             probe.close()
-        yield queue, port
+        assert proc.proc is not None
+        yield _Side(queue, port, [proc.proc.pid, *pool])
     finally:
         proc.stop()
 
@@ -95,33 +126,56 @@ def monitoring_overhead(
     processes: int,
     log_dir: Path,
     say: Callable[[str], None],
-    rounds: int = SUSTAINED_ROUNDS,
+    rounds: int = ROUNDS,
 ) -> dict[str, Any]:
     if model_dir is None:
         return {"available": False, "reason": "no local model directory to start workers with"}
     features = rows.tolist()
     with (
-        _worker(client, model_dir, log_dir, "off", processes, on=False) as (off_queue, _),
-        _worker(client, model_dir, log_dir, "on", processes, on=True) as (on_queue, port),
+        _worker(client, model_dir, log_dir, "off", processes, on=False) as off,
+        _worker(client, model_dir, log_dir, "on", processes, on=True) as on,
     ):
-        queues = {"off": off_queue, "on": on_queue}
+        sides = {"off": off, "on": on}
         arms = {"off": Windowed(), "on": Windowed()}
+        # Over the whole measurement, idle rounds included (the same for both sides): /proc
+        # counts in clock ticks (10 ms), too coarse to sum per round.
+        cpu = {name: cpu_s(side.pids) for name, side in sides.items()}
+        per_round: list[float | None] = []
         bounds = np.linspace(0, len(features), rounds + 1).astype(int)
-        for lo, hi in itertools.pairwise(bounds.tolist()):
-            for side, total in arms.items():
+        for n, (lo, hi) in enumerate(itertools.pairwise(bounds.tolist())):
+            # Which side goes first alternates too.
+            rate = {}
+            for name in ("off", "on") if n % 2 == 0 else ("on", "off"):
 
-                def send(r: range, q: str = queues[side]) -> list[str]:
+                def send(r: range, q: str = sides[name].queue) -> list[str]:
                     return client.send_many(TASK_PREDICT, [{"features": features[i]} for i in r], q)
 
-                total.add(windowed(client, send, range(lo, hi), window))
-        assert port is not None
-        seen = counted(port, on_queue)
+                run = windowed(client, send, range(lo, hi), window)
+                rate[name] = run.jobs / run.seconds if run.seconds else 0.0
+                arms[name].add(run)
+            per_round.append(rate["on"] / rate["off"] if rate["off"] else None)
+        for name, side in sides.items():
+            before, after = cpu[name], cpu_s(side.pids)
+            cpu[name] = None if before is None or after is None else after - before
+        assert on.port is not None
+        seen = counted(on.port, on.queue)
     say(f"monitoring on: {arms['on'].jobs} jobs counted {seen}")
+
+    def per_job_us(name: str) -> float | None:
+        used, jobs = cpu[name], arms[name].jobs
+        return None if used is None or not jobs else used / jobs * 1e6
+
     return {
         "available": True,
         "processes": processes,
-        "off": arms["off"].summary(),
-        "on": {**arms["on"].summary(), "jobs_counted": seen},
+        "rounds": rounds,
+        "round_ratios": [None if r is None else round(r, 3) for r in per_round],
+        "off": {**arms["off"].summary(), "worker_cpu_us_per_job": per_job_us("off")},
+        "on": {
+            **arms["on"].summary(),
+            "worker_cpu_us_per_job": per_job_us("on"),
+            "jobs_counted": seen,
+        },
     }
 
 

@@ -59,10 +59,12 @@ def send_mix(client: Client, sender: Celery, mw: MetricsWorker, rows: list[list[
     celery_expired = sender.send_task(TASK_NOOP, queue=mw.queue, expires=gone)
     # A task the row queue does not take: refused, unread.
     refused = sender.send_task(TASK_NOOP, queue=mw.rows)
+    # Refused by the checks in front of Celery's handler (worker.guards), in the main process.
+    celery_refused = sender.send_task(TASK_NOOP, kwargs={"self": 1}, queue=mw.queue)
     noop = sender.send_task(TASK_NOOP, queue=mw.queue)  # Celery's path: success
     for task_id in ids:
         wait_for(f"job {task_id}", lambda t=task_id: client.status(t).ready, timeout_s=60)
-    for result in (lane_expired, celery_expired, refused, noop):
+    for result in (lane_expired, celery_expired, refused, celery_refused, noop):
         wait_for(f"job {result.id}", lambda r=result: client.status(r.id).ready, timeout_s=60)
     n = len(rows)
     return {
@@ -76,6 +78,7 @@ def send_mix(client: Client, sender: Celery, mw: MetricsWorker, rows: list[list[
             (mw.queue, TASK_PREDICT_BATCH, "failure"): 1,
             (mw.queue, TASK_NOOP, "revoked"): 1,
             (mw.queue, TASK_NOOP, "success"): 1,
+            (mw.queue, TASK_NOOP, "refused"): 1,
         },
         "rows": {
             (mw.rows, "success"): n + 5,
