@@ -163,6 +163,7 @@ def _start_monitoring(
             path, settings.metrics_port, settings.metrics_addr
         )
     except OSError as exc:
+        metrics.remove_directory(path)
         _refuse(f"cannot serve metrics on port {settings.metrics_port}: {exc}")
 
 

@@ -3,6 +3,7 @@ jobs sent, per outcome and path, also after a pool process is killed and replace
 
 from __future__ import annotations
 
+import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -185,3 +186,24 @@ def test_unset_port_serves_nothing_and_counts_nothing(
     log = (tmp_path / "w.log").read_text()
     assert "metrics on http" not in log
     assert "could not record" not in log
+
+
+def test_a_taken_metrics_port_refuses_to_start(
+    redis_url: str, trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = celery_env(
+            redis_url, model_dir=trained_model.model_dir, metrics_port=port,
+            metrics_addr="127.0.0.1",
+        )  # fmt: skip
+        name = f"taken-{uuid.uuid4().hex[:8]}@tests"
+        proc = worker_process(env, tmp_path / "w.log", queue="taken.q", name=name).start()
+        try:
+            code = proc.wait(60)
+        finally:
+            proc.stop()
+    assert code not in (None, 0)
+    assert f"cannot serve metrics on port {port}" in proc.log_tail()
