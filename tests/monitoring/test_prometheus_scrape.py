@@ -58,7 +58,7 @@ def test_prometheus_reads_the_counts_of_a_real_worker_and_the_exporter(
     config = write(
         tmp_path / "prometheus.yml",
         f"""
-global: {{scrape_interval: 500ms, evaluation_interval: 1s}}
+global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
 scrape_configs:
   - job_name: workers
     static_configs: [{{targets: ["127.0.0.1:{mw.port}"]}}]
@@ -92,11 +92,11 @@ scrape_configs:
         wait_for("Prometheus to scrape the counts", lambda: query(port, jobs) == want)
         rows_ok = f'sum({ROWS_TOTAL}{{queue=~"{mw.queue}.*", outcome="success"}})'
         assert query(port, rows_ok) == {(): float(len(rows) + 12)}
-        live = query(port, f'{WORKERS_LIVE}{{queue="{mw.rows}"}}')
-        assert [v for k, v in live.items()] == [2.0]
-        depth = query(port, f'{QUEUE_DEPTH}{{queue=~"{mw.queue}.*"}}')
-        assert sorted(depth.values()) == [0.0, 0.0]
-        up = query(port, "up")
-        assert sorted(up.values()) == [1.0, 1.0], up
+        # The exporter's figures, once Prometheus has scraped it since the jobs ended.
+        live = f'{WORKERS_LIVE}{{queue="{mw.rows}"}}'
+        wait_for("the exporter's live workers", lambda: list(query(port, live).values()) == [2.0])
+        depth = f'{QUEUE_DEPTH}{{queue=~"{mw.queue}.*"}}'
+        wait_for("the exporter's depths", lambda: sorted(query(port, depth).values()) == [0, 0])
+        assert sorted(query(port, "up").values()) == [1.0, 1.0]
     finally:
         server.stop()
