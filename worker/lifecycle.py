@@ -155,8 +155,11 @@ def _start_monitoring(
         return
     path = metrics.prepare_directory(_identity["hostname"])
     device = f"cuda:{settings.cuda_device_id}" if provider == CUDA else "cpu"
-    # This process counts what it refuses and revokes; its children inherit the recorder.
+    # This process counts what it refuses, revokes and fails itself; its children inherit
+    # the recorder.
     metrics.start_recording(model, version, device)
+    if _identity["pool"] == "prefork":
+        observe.mark_pool_parent()
     _identity["metrics_dir"] = path
     try:
         _identity["metrics_server"] = metrics.serve(

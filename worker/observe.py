@@ -3,19 +3,21 @@ to Celery's task events (worker.events): one place for both paths.
 
 - The row lane (worker.lane.server) hands over each batch once its results are written.
 - Celery's path is followed through Celery's signals: task_prerun / task_postrun in the
-  process that runs the task, task_revoked in the main process; the message checks in
-  front of Celery's handler (worker.guards) count the messages they refuse.
+  process that runs the task; task_revoked, and task_failure for a job whose pool process
+  passed the hard time limit, in the main process; the message checks in front of
+  Celery's handler (worker.guards) count the messages they refuse.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from celery.signals import task_postrun, task_prerun, task_revoked
+from celery.signals import task_failure, task_postrun, task_prerun, task_revoked
 
 from contract.errors import MessageTooLarge
 from contract.metrics import FAILURE, OTHER_TASK, REFUSED, REVOKED, SUCCESS
@@ -207,6 +209,35 @@ def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     rec.ended(_queue_of(request), task_label(getattr(sender, "name", None)), REVOKED)
 
 
+_pool_parent: int | None = None
+"""The pid of a prefork worker's main process, which runs no task itself."""
+
+
+def mark_pool_parent() -> None:
+    """Called in a prefork worker's main process: a task_failure signal there is a job
+    failed by the main process itself, never by a task run (those are counted by
+    task_postrun in the pool process)."""
+    global _pool_parent
+    _pool_parent = os.getpid()
+
+
+def _request_of(task_id: Any) -> Any:
+    from celery.worker import state
+
+    return next((r for r in list(state.active_requests) if r.id == task_id), None)
+
+
+def _failed_by_parent(sender: Any = None, task_id: Any = None, **_: Any) -> None:
+    """A job the main process failed: its pool process passed the hard time limit, or
+    died with the job and it is not handed back (task_reject_on_worker_lost)."""
+    rec = metrics.current()
+    if rec is None or sender is None or os.getpid() != _pool_parent:
+        return
+    queue = _queue_of(sender.request) or _queue_of(_request_of(task_id))
+    name = task_label(sender.name)
+    rec.ended(queue, name, FAILURE, 1, 1 if name == TASK_PREDICT else 0)
+
+
 def refused(message: Any, task: Any) -> None:
     """A message the checks in front of Celery's handler refused (worker.guards)."""
     rec = metrics.current()
@@ -219,3 +250,4 @@ def connect_celery_signals() -> None:
     task_prerun.connect(_prerun, weak=False)
     task_postrun.connect(_postrun, weak=False)
     task_revoked.connect(_revoked, weak=False)
+    task_failure.connect(_failed_by_parent, weak=False)

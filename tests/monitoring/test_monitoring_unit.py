@@ -168,3 +168,21 @@ def test_a_batch_of_lane_events_is_one_publish() -> None:
     assert "bad" in failed["exception"]
     assert batch[0]["name"] == TASK_PREDICT and batch[0]["timestamp"] == t0
     events.close()
+
+
+def test_a_job_the_pool_parent_fails_counts_once_and_only_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker import observe
+
+    calls: list[tuple[Any, ...]] = []
+    recorder = SimpleNamespace(ended=lambda *args: calls.append(args))
+    monkeypatch.setattr(metrics, "_recorder", recorder)
+    request = SimpleNamespace(delivery_info={"routing_key": "inference.cpu"})
+    task = SimpleNamespace(name=TASK_PREDICT_BATCH, request=request)
+    monkeypatch.setattr(observe, "_pool_parent", None)
+    observe._failed_by_parent(sender=task, task_id="t")  # a pool process: its postrun counts
+    assert calls == []
+    observe.mark_pool_parent()
+    observe._failed_by_parent(sender=task, task_id="t")
+    assert calls == [("inference.cpu", TASK_PREDICT_BATCH, "failure", 1, 0)]
