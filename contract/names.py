@@ -63,6 +63,24 @@ def alive_key(holder: str) -> str:
     return f"{ALIVE_PREFIX}{holder}"
 
 
+PRIORITY_SEP = "\x06\x16"
+"""kombu's separator between a queue's name and a priority in the name of its list."""
+
+PRIORITY_STEPS = (0, 3, 6, 9)
+"""kombu's priorities with a list of their own, served in this order (0, the default,
+is the queue's own list)."""
+
+
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists of `queue`, in the order kombu serves them."""
+    return [queue if p == 0 else f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
+
+
+def all_queues() -> list[str]:
+    """Every queue of the project: each of QUEUES and its row queue."""
+    return sorted({q for main in QUEUES.values() for q in (main, row_queue(main))})
+
+
 # Where Celery's Redis result backend keeps a task's result document.
 RESULT_KEY_PREFIX = "celery-task-meta-"
 

@@ -1,4 +1,5 @@
-"""`python -m producer`: enqueue, poll, wait, score files, read the health report."""
+"""`python -m producer`: enqueue, poll, wait, score files, read the health report, export
+the queues' metrics."""
 
 from __future__ import annotations
 
@@ -162,13 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="the latest health report")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser(
+        "metrics", help="serve the queues' Prometheus metrics (depth, oldest age, workers)"
+    )
+    p.add_argument("--port", type=int, required=True, help="HTTP port of /metrics")
+    p.add_argument("--addr", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    p.set_defaults(func=None)
     return parser
+
+
+def cmd_metrics(settings: ProducerSettings, args: argparse.Namespace) -> int:
+    import logging
+
+    from producer.exporter import serve_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        serve_forever(settings, args.port, args.addr)
+    except KeyboardInterrupt:
+        return 0
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = ProducerSettings()
     try:
+        if args.command == "metrics":
+            return cmd_metrics(settings, args)
         with Client(settings) as client:
             return int(args.func(client, args))
     except InferenceError as exc:

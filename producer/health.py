@@ -1,9 +1,47 @@
-"""The health report as text: what `python -m producer health`, the demo and the worker's
-log print."""
+"""Reading the workers' state from Redis, and the health report as text: what
+`python -m producer health`, the demo and the worker's log print. The health task
+(worker/health.py) and the queue exporter (producer/exporter.py) read the same state."""
 
 from __future__ import annotations
 
-from contract.schemas import HealthReport
+import redis
+from pydantic import ValidationError
+
+from contract.names import WORKER_STATE_PREFIX, priority_lists
+from contract.schemas import HealthReport, WorkerState
+
+
+def live_states(
+    client: redis.Redis, hostname: str | None = None, queue: str | None = None
+) -> list[WorkerState]:
+    """The state of every live worker process (each refreshes its own key, with a TTL), or
+    of those of worker `hostname`, or of those consuming `queue`."""
+    match = f"{WORKER_STATE_PREFIX}{hostname}:*" if hostname else f"{WORKER_STATE_PREFIX}*"
+    keys = sorted(client.scan_iter(match=match, count=500))
+    if not keys:
+        return []
+    states = []
+    for raw in client.mget(keys):
+        if raw is None:  # expired between SCAN and MGET
+            continue
+        try:
+            state = WorkerState.model_validate_json(raw)
+        except ValidationError:
+            continue
+        if queue is None or queue in state.queues:
+            states.append(state)
+    return states
+
+
+def queue_depths(broker: redis.Redis, queues: list[str]) -> dict[str, int]:
+    """Jobs waiting on each queue, its priority lists summed, in one round trip."""
+    with broker.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            for name in priority_lists(queue):
+                pipe.llen(name)
+        lengths = pipe.execute()
+    per = len(priority_lists(""))
+    return {q: int(sum(lengths[i * per : (i + 1) * per])) for i, q in enumerate(queues)}
 
 
 def format_health(report: HealthReport) -> str:

@@ -91,11 +91,26 @@ def worker_process(
     pool: str = "prefork",
     concurrency: int = 1,
     loglevel: str = "INFO",
+    events: bool = False,
 ) -> CeleryProcess:
+    """`celery worker`; `events`: with task events on from the start (-E)."""
     args = [
         sys.executable, "-m", "celery", "-A", "worker", "worker",
         "-Q", queue, "-P", pool, "-c", str(concurrency), "-n", name,
         "--loglevel", loglevel, "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+    if events:
+        args.append("-E")
+    return CeleryProcess(args, env, log_path)
+
+
+def flower_process(env: dict[str, str], log_path: Path, port: int) -> CeleryProcess:
+    """Flower on 127.0.0.1:`port`, its API open (FLOWER_UNAUTHENTICATED_API): it turns the
+    workers' task events on itself (enable_events)."""
+    env = {**env, "FLOWER_UNAUTHENTICATED_API": "true"}
+    args = [
+        sys.executable, "-m", "celery", "-A", "worker", "flower",
+        "--address=127.0.0.1", f"--port={port}",
     ]  # fmt: skip
     return CeleryProcess(args, env, log_path)
 

@@ -24,6 +24,7 @@ from celery.worker.strategy import default as default_strategy
 
 from contract.errors import InvalidInput, MessageTooLarge
 from contract.names import TASK_PREDICT
+from worker import observe
 from worker.messages import body_problem, body_size, envelope_problem
 from worker.settings import load
 
@@ -66,6 +67,13 @@ def checked_strategy(task: Task, app: Any, consumer: Any, **options: Any) -> Cal
     limit = message_limit(task.name)
 
     def handle_checked(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return checked(message, body, *args, **kwargs)
+        except InvalidTaskError:
+            observe.refused(message, task.name)
+            raise
+
+    def checked(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
         if body is not None:
             # Protocol 1 (no `task` header): the consumer has decoded the whole body
             # already, and its headers would not reach the task.

@@ -8,35 +8,14 @@ from collections import Counter, defaultdict
 from typing import Literal
 
 import redis
-from pydantic import ValidationError
 
-from contract.names import HEALTH_REPORT_KEY, WORKER_STATE_PREFIX, bucket_low
+from contract.names import HEALTH_REPORT_KEY, bucket_low
 from contract.schemas import HealthReport, LatencySummary, WorkerHealth, WorkerState
-from producer.health import format_health
+from producer.health import format_health, live_states, queue_depths
+
+__all__ = ["build_report", "live_states", "log_report", "queue_depths", "store_report"]
 
 log = logging.getLogger(__name__)
-
-
-def live_states(
-    client: redis.Redis, hostname: str | None = None, queue: str | None = None
-) -> list[WorkerState]:
-    """The state of every live worker process (each refreshes its own key, with a TTL), or
-    of those of worker `hostname`, or of those consuming `queue`."""
-    match = f"{WORKER_STATE_PREFIX}{hostname}:*" if hostname else f"{WORKER_STATE_PREFIX}*"
-    keys = sorted(client.scan_iter(match=match, count=500))
-    if not keys:
-        return []
-    states = []
-    for raw in client.mget(keys):
-        if raw is None:  # expired between SCAN and MGET
-            continue
-        try:
-            state = WorkerState.model_validate_json(raw)
-        except ValidationError:
-            continue
-        if queue is None or queue in state.queues:
-            states.append(state)
-    return states
 
 
 def _merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
@@ -74,10 +53,6 @@ def group_by_worker(states: list[WorkerState], now: float) -> list[WorkerHealth]
             )
         )
     return workers
-
-
-def queue_depths(broker: redis.Redis, queues: list[str]) -> dict[str, int]:
-    return {queue: int(broker.llen(queue)) for queue in queues}
 
 
 def build_report(

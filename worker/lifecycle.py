@@ -32,10 +32,12 @@ from contract.errors import StartupError
 from contract.names import QUEUE_CPU, row_queue
 from producer.connections import RedisUnreachable, check_redis
 from producer.settings import redact
-from worker import heap, runtime
+from worker import heap, metrics, monitoring, observe, runtime
+from worker.events import EventsSwitch
 from worker.guards import MESSAGE_BYTES_HEADER, bound_decompression
 from worker.lane.server import RowLane
-from worker.model import check_provider, resolve_artifact
+from worker.model import CUDA, check_provider, resolve_artifact
+from worker.observe import LaneObserver
 from worker.settings import WorkerSettings, load
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 # Filled in the main process by worker_init; prefork children inherit it.
 _identity: dict[str, Any] = {
     "hostname": "", "queues": [QUEUE_CPU], "pool": "prefork", "lanes": [], "app": None,
+    "events": None, "metrics_dir": None, "metrics_server": None,
 }  # fmt: skip
 _lanes: list[RowLane] = []
 
@@ -55,7 +58,10 @@ def connect(app: Celery) -> None:
     worker_process_init.connect(_load_in_child, weak=False)
     worker_process_shutdown.connect(_stop, weak=False)
     worker_shutdown.connect(_stop, weak=False)
+    worker_shutdown.connect(_stop_monitoring, weak=False)
     task_failure.connect(_collect_failure_garbage, weak=False)
+    observe.connect_celery_signals()
+    monitoring.register_commands(_identity)
 
 
 def lane_queues(consumed: list[str]) -> list[str]:
@@ -94,9 +100,10 @@ def _check_and_maybe_load(sender: Any, **_: Any) -> None:
     _check_redis(settings)
     try:
         provider = check_provider(settings)
-        resolve_artifact(settings, provider)
+        manifest = resolve_artifact(settings, provider)[0]
     except StartupError as exc:
         _refuse(str(exc))
+    _start_monitoring(sender, settings, manifest.name, manifest.version, provider)
     if settings.provider == "cuda" and pool == "prefork":
         _refuse(
             "INFERENCE_PROVIDER=cuda needs a CUDA-safe pool: start GPU workers with "
@@ -136,6 +143,47 @@ def _check_redis(settings: WorkerSettings) -> None:
             _refuse(str(exc))
 
 
+def _start_monitoring(
+    worker: Any, settings: WorkerSettings, model: str, version: str, provider: str
+) -> None:
+    """In the main process, before the pool forks: the events switch the row lanes read,
+    and, with a metrics port, the metrics directory every process writes to and its server."""
+    switch = EventsSwitch()
+    switch.follow(worker)
+    _identity["events"] = switch
+    if settings.metrics_port is None:
+        return
+    path = metrics.prepare_directory(_identity["hostname"])
+    device = f"cuda:{settings.cuda_device_id}" if provider == CUDA else "cpu"
+    # This process counts what it refuses, revokes and fails itself; its children inherit
+    # the recorder.
+    metrics.start_recording(model, version, device)
+    if _identity["pool"] == "prefork":
+        observe.mark_pool_parent()
+    _identity["metrics_dir"] = path
+    try:
+        _identity["metrics_server"] = metrics.serve(
+            path, settings.metrics_port, settings.metrics_addr
+        )
+    except OSError as exc:
+        metrics.remove_directory(path)
+        _refuse(f"cannot serve metrics on port {settings.metrics_port}: {exc}")
+
+
+def _stop_monitoring(**_: Any) -> None:
+    switch = _identity.get("events")
+    if switch is not None:
+        switch.stop()
+    server = _identity.get("metrics_server")
+    if server is not None:
+        server.shutdown()
+        _identity["metrics_server"] = None
+    path = _identity.get("metrics_dir")
+    if path is not None:
+        metrics.remove_directory(path)
+        _identity["metrics_dir"] = None
+
+
 def _load_in_child(**_: Any) -> None:
     _start_runtime()
 
@@ -146,8 +194,10 @@ def _start_runtime() -> None:
         rt = runtime.start(settings, _identity["hostname"], _identity["queues"], _identity["pool"])
     except StartupError as exc:
         _refuse(str(exc))
+    app, hostname = _identity["app"], _identity["hostname"]
     for queue in _identity["lanes"]:
-        lane = RowLane(rt, _identity["app"].backend, queue, _identity["hostname"])
+        observer = LaneObserver(queue, hostname, app, _identity["events"])
+        lane = RowLane(rt, app.backend, queue, hostname, observer=observer)
         lane.start()
         _lanes.append(lane)
 

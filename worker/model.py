@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,10 @@ class LoadedModel:
     variant: str
     placement: dict[str, int] = field(default_factory=dict)
     """Graph nodes per execution provider, as onnxruntime's profiler saw them at start-up."""
+    load_s: float = 0.0
+    """Seconds the load took: checks, placement probe and session creation."""
+    warmup_s: float = 0.0
+    """Seconds the warm-up runs took."""
 
     @property
     def n_features(self) -> int:
@@ -122,6 +127,7 @@ def node_placement(
 
 def load_model(settings: WorkerSettings) -> LoadedModel:
     """Verify, load, check placement and warm up the model for this process."""
+    began = time.perf_counter()
     provider = check_provider(settings)
     manifest, path, variant = resolve_artifact(settings, provider)
     rng = np.random.default_rng(0)
@@ -150,9 +156,12 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
         raise ProviderUnavailable(f"onnxruntime created the session on {actual}, not {provider}")
     device = f"cuda:{settings.cuda_device_id}" if provider == CUDA else "cpu"
     model = LoadedModel(manifest, session, provider, device, variant, placement)
+    loaded = time.perf_counter()
+    model.load_s = loaded - began
 
     for i in range(settings.warmup_runs):
         model.predict(sample[: 1 if i % 2 else len(sample)])
+    model.warmup_s = time.perf_counter() - loaded
     if settings.provider == "cuda" and provider == CPU:
         model.device = "cpu (fallback: no CUDA)"
     log.info(

@@ -15,6 +15,7 @@ from contract.errors import ModelNotReady
 from contract.names import model_info_key
 from contract.schemas import ModelInfo, WorkerState
 from producer.connections import redis_client
+from worker import metrics
 from worker.model import LoadedModel, load_model
 from worker.settings import WorkerSettings
 from worker.stats import Heartbeat, ProcessStats
@@ -44,6 +45,9 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
     if _current is not None and _current.heartbeat is not None:
         return _current
     model = load_model(settings)
+    recorder = metrics.start_recording(model.manifest.name, model.manifest.version, model.device)
+    if recorder is not None:
+        recorder.loaded(model.provider, hostname, model.load_s, model.warmup_s)
     now = time.time()
     stats = ProcessStats(
         WorkerState(

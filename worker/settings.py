@@ -109,6 +109,13 @@ class WorkerSettings(ConnectionSettings):
     warmup_runs: int = Field(default=20, ge=0)
     """Inference runs made at process start, before the first job is taken."""
 
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port the worker's main process serves Prometheus metrics on (/metrics), all its
+    processes counted together (worker.metrics); unset: no metrics are kept."""
+
+    metrics_addr: str = "0.0.0.0"
+    """Address the metrics port is bound to."""
+
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> WorkerSettings:
         if self.task_soft_time_limit_s > self.task_time_limit_s:

@@ -15,12 +15,11 @@ from celery import Task, shared_task
 from contract.errors import MessageTooLarge, ModelNotReady, PermanentError, TransientError
 from contract.names import (
     HEADER_ENQUEUED_AT,
-    QUEUES,
     TASK_HEALTH,
     TASK_NOOP,
     TASK_PREDICT,
     TASK_PREDICT_BATCH,
-    row_queue,
+    all_queues,
 )
 from producer.connections import redis_client
 from worker import health, runtime, service
@@ -83,7 +82,7 @@ def report_health(self: Task, ttl_s: int | None = None) -> dict[str, Any]:
     state = redis_client(settings.backend, settings)
     broker = redis_client(settings.broker, settings)
     try:
-        queues = sorted({q for main in QUEUES.values() for q in (main, row_queue(main))})
+        queues = all_queues()
         report = health.build_report(state, broker, queues)
         default_ttl = int(settings.health_interval_s * 3) + 1
         ttl = ttl_s if isinstance(ttl_s, int) and ttl_s > 0 else default_ttl

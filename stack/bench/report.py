@@ -119,6 +119,13 @@ RATIOS: tuple[RatioSpec, ...] = (
         "<= 2",
     ),
     RatioSpec(
+        "M1",
+        "sustained single-row jobs/s, worker metrics + task events on / both off",
+        "monitoring.on.jobs_per_s",
+        "monitoring.off.jobs_per_s",
+        ">= 0.9",
+    ),
+    RatioSpec(
         "A1",
         "asyncio client jobs/s / sync client jobs/s (send_many + iter_finished, one loop)",
         "clients.async.jobs_per_s",

@@ -57,7 +57,8 @@ from stack.bench.local import (
     inprocess,
     training_summary,
 )
-from stack.bench.report import compute_goals, compute_ratios, machine_info
+from stack.bench.monitoring import monitoring_check, monitoring_overhead
+from stack.bench.report import compute_goals, compute_ratios, cpu_cores, machine_info
 from stack.bench.table import format_report
 from worker.health import live_states
 
@@ -128,6 +129,17 @@ def measure(
     if not with_noop:
         report["sustained"]["noop"] = unavailable
 
+    say(f"monitoring on vs off: {config.sustained_jobs} sustained single-row jobs each")
+    report["monitoring"] = monitoring_overhead(
+        client,
+        model_dir,
+        rng.uniform(0, 1, (config.sustained_jobs, n)),
+        config.window,
+        config.processes or cpu_cores(),
+        work_dir,
+        say,
+    )
+
     say(f"asyncio client vs sync client: {config.client_jobs} single-row jobs each")
     rows = rng.uniform(0, 1, (config.client_jobs, n))
     report["clients"] = async_vs_sync(client, rows, queue)
@@ -196,6 +208,9 @@ def checks(report: dict[str, Any]) -> dict[str, Any]:
                 f"{part['failed']} of {part['jobs']} failed"
                 + (f" (first: {part['first_error']})" if part["first_error"] else ""),
             )
+    monitored = monitoring_check(report.get("monitoring") or {})
+    if monitored is not None:
+        _check(items, "monitoring on: no failed job, metric counts == jobs sent", *monitored)
     gw = report.get("gateway") or {}
     if gw.get("available"):
         failed = gw["sequential"]["failed"] + gw["sustained"]["failed"]

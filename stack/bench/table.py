@@ -78,6 +78,22 @@ def format_report(report: dict[str, Any]) -> str:
     if histogram:
         text = ", ".join(f"{size}: {count}" for size, count in histogram.items())
         lines.append(f"  {'':<46}  row-lane batches by size: {text}")
+    mon = report.get("monitoring") or {}
+    for side in ("off", "on") if mon.get("available") else ():
+        part = mon[side]
+        label = f"single-row, worker monitoring {side}"
+        cpu = part.get("worker_cpu_us_per_job")
+        lines.append(
+            _latency_row(
+                label,
+                part.get("jobs"),
+                part.get("latency"),
+                f"{_f(part.get('jobs_per_s'), ',.0f')} jobs/s, worker CPU {_f(cpu, ',.0f')} us/job",
+            )
+        )
+    if mon.get("round_ratios"):
+        text = ", ".join(_f(r, ".3f") for r in mon["round_ratios"])
+        lines.append(f"  {'':<46}  on/off by round: {text}")
     gw = report.get("gateway") or {}
     if gw.get("available"):
         seq, sus = gw["sequential"], gw["sustained"]

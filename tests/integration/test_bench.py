@@ -142,14 +142,22 @@ def test_each_ratio_is_the_documented_quotient_of_the_raw_figures(
     g1 = gw["sustained"]["jobs_per_s"] / plain["jobs_per_s"]
     g2 = gw["sequential"]["gateway"]["p50_ms"] / gw["sequential"]["direct_client"]["p50_ms"]
     a1 = clients["async"]["jobs_per_s"] / clients["sync"]["jobs_per_s"]
+    # M1: monitoring on / off (>= 0.9), two workers started for it; every job counted.
+    mon = report["monitoring"]
+    m1 = mon["on"]["jobs_per_s"] / mon["off"]["jobs_per_s"]
+    assert mon["on"]["jobs_counted"] == mon["on"]["jobs"] == mon["off"]["jobs"]
+    assert len(mon["round_ratios"]) == mon["rounds"]
+    assert mon["on"]["worker_cpu_us_per_job"] > 0 and mon["off"]["worker_cpu_us_per_job"] > 0
     assert gw["sustained"]["jobs_per_s"] == pytest.approx(
         gw["sustained"]["jobs"] / gw["sustained"]["seconds"], rel=1e-12
     )
     ratios = report["ratios"]
-    assert sorted(ratios) == ["A1", "G1", "G2", "P1", "P2", "P3"]
+    assert sorted(ratios) == ["A1", "G1", "G2", "M1", "P1", "P2", "P3"]
     # G1 gateway / plain Celery (>= 3), G2 gateway p50 / direct p50 (<= 2), A1 asyncio /
     # sync client (>= 0.8).
-    for key, value, met in (("G1", g1, g1 >= 3), ("G2", g2, g2 <= 2), ("A1", a1, a1 >= 0.8)):
+    for key, value, met in (
+        ("G1", g1, g1 >= 3), ("G2", g2, g2 <= 2), ("A1", a1, a1 >= 0.8), ("M1", m1, m1 >= 0.9),
+    ):  # fmt: skip
         assert ratios[key]["value"] == pytest.approx(value, rel=1e-12), key
         assert ratios[key]["met"] is met, key
     assert gw["sustained"]["failed"] == gw["sequential"]["failed"] == clients["failed"] == 0

@@ -78,6 +78,11 @@ REPORT: dict[str, Any] = {
             "latency": {"p50_ms": 16.0, "p95_ms": 24.0, "p99_ms": 32.0},
         },
     },
+    "monitoring": {
+        "available": True,
+        "off": {"jobs": 1000, "jobs_per_s": 8000.0, "failed": 0},
+        "on": {"jobs": 1000, "jobs_per_s": 7500.0, "failed": 0, "jobs_counted": 1000},
+    },
     "clients": {
         "jobs": 10_000,
         "sync": {"seconds": 1.0, "jobs_per_s": 10_000.0},
@@ -164,7 +169,7 @@ def printed(report: dict[str, Any]) -> list[str]:
 
 def test_each_ratio_is_its_stated_quotient_with_its_inputs_named() -> None:
     ratios = compute_ratios(REPORT)
-    assert sorted(ratios) == ["A1", "G1", "G2", "P1", "P2", "P3"]
+    assert sorted(ratios) == ["A1", "G1", "G2", "M1", "P1", "P2", "P3"]
     # P1 = 400,000 / 500,000 rows/s; P2 = 8,000 / 1,000 jobs/s; P3 = 1.5 / 2.0 ms;
     # G1 = 4,000 gateway / 1,000 plain Celery jobs/s; G2 = 3.0 / 2.0 ms;
     # A1 = 8,000 / 10,000 jobs/s.
@@ -175,6 +180,7 @@ def test_each_ratio_is_its_stated_quotient_with_its_inputs_named() -> None:
         "G1": (4.0, True, None),
         "G2": (1.5, True, None),
         "A1": (0.8, True, None),
+        "M1": (0.9375, True, None),
     }
     assert ratios["G1"]["numerator"]["path"] == "gateway.sustained.jobs_per_s"
     assert ratios["G1"]["denominator"]["path"] == "sustained.plain_celery.jobs_per_s"

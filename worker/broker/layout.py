@@ -1,6 +1,7 @@
 """kombu's Redis layout, as the pinned kombu versions (pyproject.toml) keep it.
 
-The only module of the worker that spells it: a queue is a list named after it (a message
+The priority lists are spelled in contract.names (the queue exporter reads them too); the
+rest only here: a queue is a list named after it (a message
 sent with a priority goes to a list of its own, `<queue>\\x06\\x16<priority>`); a delivered
 message is held until acknowledged in the `unacked` hash (tag -> the JSON list
 `[message, exchange, routing key]`) and the `unacked_index` sorted set (tag by delivery time),
@@ -18,19 +19,12 @@ from typing import Any
 
 import redis
 
-from contract.names import UNACKED_INDEX_KEY, UNACKED_KEY, held_key
-
-PRIORITY_SEP = "\x06\x16"
-"""kombu's separator between a queue's name and a priority in the name of its list."""
-
-PRIORITY_STEPS = (0, 3, 6, 9)
-"""kombu's priorities with a list of their own, served in this order (0, the default,
-is the queue's own list)."""
-
-
-def priority_lists(queue: str) -> list[str]:
-    """The Redis lists of `queue`, in the order kombu serves them."""
-    return [queue if p == 0 else f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
+from contract.names import (
+    PRIORITY_SEP,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    held_key,
+)
 
 
 def queue_of_list(name: str) -> str:

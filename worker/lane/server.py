@@ -40,6 +40,7 @@ from contract.schemas import PredictRequest
 from worker import results, service
 from worker.lane.transport import RowTransport, task_id_in_ends, task_name_in_ends
 from worker.messages import body_problem, envelope_problem
+from worker.observe import LaneObserver
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ class _Job:
     """args and kwargs of an inference.predict_batch job."""
     error: InferenceError | None = None
     revoked: bool = False
+    task: str = ""
+    refused: bool = False
+    """Its message was refused before it was read as a job."""
+    result: dict[str, Any] | None = None
 
 
 def _bare(exc: InferenceError) -> InferenceError:
@@ -76,6 +81,7 @@ class RowLane:
         queue: str,
         hostname: str,
         on_batch: Callable[[int], None] | None = None,
+        observer: LaneObserver | None = None,
     ) -> None:
         self.rt = rt
         self.backend = backend
@@ -87,6 +93,7 @@ class RowLane:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference-row-lane", daemon=True)
         self._on_batch = on_batch or rt.stats.batch
+        self.observer = observer or LaneObserver(queue, hostname)
 
     # -- life ------------------------------------------------------------------------------
 
@@ -106,6 +113,7 @@ class RowLane:
         if self._thread.is_alive():
             self._thread.join(timeout)
         self.transport.close()
+        self.observer.close()
 
     def _run(self) -> None:
         backoff = 0.1
@@ -185,6 +193,7 @@ class RowLane:
                 if isinstance(outcome, InferenceError):
                     job.error = _bare(outcome)
                 else:
+                    job.result = outcome
                     writes.append(docs.success(job.task_id, outcome))
         for job in jobs:
             if job.error is not None and job.features is None:
@@ -200,9 +209,12 @@ class RowLane:
         served = sum(1 for j in rows if j.error is None)
         if served:
             self._on_batch(served)
+        self.observer.served([j for j in jobs if j.batch is None], started, len(jobs))
         for job in batches:
+            begun = service.Started.now()
             done = self._serve_batch(job, results.Documents(self.backend))
             self.transport.finish([done], [job.tag] if job.tag else [])
+            self.observer.served([job], begun)
 
     def _serve_batch(self, job: _Job, docs: results.Documents) -> tuple[str, str]:
         assert job.batch is not None and job.task_id is not None
@@ -214,7 +226,9 @@ class RowLane:
                 self.rt, service.Job(args, kwargs, enqueued_at, self.hostname)
             )
         except InferenceError as exc:
-            return docs.failure(job.task_id, _bare(exc))
+            job.error = _bare(exc)
+            return docs.failure(job.task_id, job.error)
+        job.result = result
         return docs.success(job.task_id, result)
 
     def _read(self, tag: str, raw: bytes) -> _Job:
@@ -231,7 +245,7 @@ class RowLane:
             if task_id is None:
                 log.error("row lane: dropped a message of %d bytes on %s", len(raw), self.queue)
             error = MessageTooLarge(f"message of {len(raw)} bytes exceeds the maximum of {limit}")
-            return _Job(tag, task_id, {}, error=error)
+            return _Job(tag, task_id, {}, error=error, refused=True)
         try:
             message = read_task_message(raw)
         except MessageRefused as exc:
@@ -248,8 +262,8 @@ class RowLane:
             return self._refused(tag, message.headers, problem)
         if results.expired(message.headers.get("expires")):
             # As Celery does: the job is not run, and its state says why.
-            return _Job(tag, message.task_id, message.headers, revoked=True)
-        job = _Job(tag, message.task_id, message.headers)
+            return _Job(tag, message.task_id, message.headers, revoked=True, task=message.task)
+        job = _Job(tag, message.task_id, message.headers, task=message.task)
         args, kwargs, _ = message.body
         if message.task == TASK_PREDICT_BATCH:
             # Served on its own, by the same code as Celery's path (worker.service).
@@ -266,4 +280,8 @@ class RowLane:
         if envelope_problem({"id": task_id}) is not None:
             log.error("row lane: dropped a message on %s: %s", self.queue, reason)
             task_id = None
-        return _Job(tag, task_id, headers, error=InvalidInput(reason))
+        task = headers.get("task")
+        return _Job(
+            tag, task_id, headers, error=InvalidInput(reason), refused=True,
+            task=task if isinstance(task, str) else "",
+        )  # fmt: skip

@@ -19,16 +19,17 @@ from importlib import resources
 
 import redis
 
-from contract.names import UNACKED_INDEX_KEY, UNACKED_KEY, held_key
-from producer.connections import redis_client
-from worker.broker.holders import holders, new_holder
-from worker.broker.layout import (  # re-exported: the lane's view of kombu's layout
+from contract.names import (  # re-exported: the lane's view of kombu's layout
     PRIORITY_SEP,
     PRIORITY_STEPS,
-    Take,
-    held_record_tail,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    held_key,
     priority_lists,
 )
+from producer.connections import redis_client
+from worker.broker.holders import holders, new_holder
+from worker.broker.layout import Take, held_record_tail
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
