@@ -306,3 +306,101 @@ def settings_env_names() -> set[str]:
             else:
                 names.add((prefix + (info.alias or field_name)).upper())
     return names
+
+
+# --------------------------------------------------------------------------
+# Monitoring helpers (Prometheus, Grafana)
+# --------------------------------------------------------------------------
+
+DEPLOY_DIR = REPO_ROOT / "deploy"
+PROMETHEUS_DIR = DEPLOY_DIR / "prometheus"
+GRAFANA_DIR = DEPLOY_DIR / "grafana"
+K8S_DIR = DEPLOY_DIR / "k8s"
+
+# The series the workers (on INFERENCE_METRICS_PORT) and the queue exporter
+# (`python -m producer metrics`) expose, by type: dashboards and alerts may use these only.
+WORKER_COUNTERS = ("inference_jobs_total", "inference_rows_total")
+WORKER_HISTOGRAMS = (
+    "inference_queue_wait_seconds",
+    "inference_compute_seconds",
+    "inference_task_seconds",
+    "inference_lane_batch_size",
+)
+WORKER_GAUGES = (
+    "inference_model_load_seconds",
+    "inference_model_warmup_seconds",
+    "inference_model_info",
+)
+EXPORTER_GAUGES = (
+    "inference_queue_depth",
+    "inference_queue_oldest_age_seconds",
+    "inference_workers_live",
+    "inference_jobs_held",
+)
+
+
+def exposed_series() -> set[str]:
+    """Every series name a query may select: histograms as their _bucket/_sum/_count."""
+    names = set(WORKER_COUNTERS) | set(WORKER_GAUGES) | set(EXPORTER_GAUGES)
+    for histogram in WORKER_HISTOGRAMS:
+        names |= {f"{histogram}_bucket", f"{histogram}_sum", f"{histogram}_count"}
+    return names
+
+
+_PROMQL_STRING = re.compile(r""""(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|`[^`]*`""")
+_PROMQL_GROUPING = re.compile(
+    r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", re.IGNORECASE
+)
+_PROMQL_KEYWORDS = {"bool", "and", "or", "unless", "offset", "inf", "nan", "atan2"}
+_PROMQL_IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects: identifiers that are not functions,
+    keywords, label names (in matchers and grouping clauses), strings or durations."""
+    text = _PROMQL_STRING.sub('""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # range and subquery windows
+    text = _PROMQL_GROUPING.sub(" ", text)
+    names: set[str] = set()
+    for m in _PROMQL_IDENTIFIER.finditer(text):
+        before = text[m.start() - 1] if m.start() else " "
+        if before.isdigit() or before in "._$":
+            continue  # a number's exponent, a duration's unit, a dashboard variable
+        if text[m.end() :].lstrip().startswith("("):
+            continue  # a function call or aggregation
+        if m.group(0).lower() in _PROMQL_KEYWORDS:
+            continue
+        names.add(m.group(0))
+    return names
+
+
+# Grafana's variables, as concrete values Prometheus accepts.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+
+
+def grafana_expr_for_prometheus(expr: str, variables: dict[str, str]) -> str:
+    """A dashboard query with Grafana's and the dashboard's own variables substituted."""
+    values = {**GRAFANA_VARIABLES, **{f"${k}": v for k, v in variables.items()}}
+    for name in sorted(values, key=len, reverse=True):
+        expr = expr.replace(name, values[name])
+    return expr
+
+
+def dashboard_panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every panel of a dashboard, those nested in collapsed rows included; rows left out."""
+    out: list[dict[str, Any]] = []
+    for panel in panels:
+        if panel.get("type") == "row":
+            out += dashboard_panels(panel.get("panels", []))
+        else:
+            out.append(panel)
+    return out
+
+
+def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
+    """The documents of a multi-document YAML file, empty ones skipped."""
+    import yaml
+
+    with path.open() as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc]

@@ -25,7 +25,7 @@ from contract.names import QUEUE_CPU, QUEUE_GPU
 
 WORKER_SERVICES = ("worker-cpu", "worker-gpu")
 # Services that import the Celery app or the producer and so need Redis.
-REDIS_CLIENTS = ("worker-cpu", "worker-gpu", "beat", "producer")
+REDIS_CLIENTS = ("worker-cpu", "worker-gpu", "beat", "producer", "exporter", "flower")
 
 
 def _celery_argv(service: dict[str, Any]) -> list[str]:
