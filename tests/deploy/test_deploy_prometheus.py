@@ -7,8 +7,10 @@ tests skip only where it is absent.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ from deploy_helpers import (
 )
 
 from contract.names import QUEUES, row_queue
+from stack.embedded_redis import free_port
+from stack.processes import CeleryProcess, wait_http
 
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
@@ -214,3 +218,53 @@ def test_compose_mounts_this_config(services: dict[str, Any]) -> None:
     assert (REPO_ROOT / mount["source"]).resolve() == PROMETHEUS_DIR.resolve()
     assert mount.get("read_only") is True
     assert Path(config_file).name == CONFIG.name
+
+
+# --------------------------------------------------------------------------
+# Prometheus itself, started with this config
+# --------------------------------------------------------------------------
+
+
+def test_prometheus_loads_the_config_and_the_rules(tmp_path: Path) -> None:
+    """Debian's prometheus, started with prometheus.yml and alerts.yml as shipped, loads every
+    rule and every scrape job (the compose targets do not resolve here, so none is up)."""
+    binary = find_tool("prometheus")
+    if binary is None:
+        pytest.skip(
+            "prometheus is not installed (Debian: apt-get install prometheus; .ci/run does)"
+        )
+    port = free_port()
+    process = CeleryProcess(
+        [
+            binary,
+            f"--config.file={CONFIG}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        env={},
+        log_path=tmp_path / "prometheus.log",
+    ).start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(process, f"{base}/-/ready", timeout_s=60)
+
+        def get(path: str) -> Any:
+            with urllib.request.urlopen(base + path, timeout=10) as response:
+                body = json.load(response)
+            assert body["status"] == "success", body
+            return body["data"]
+
+        loaded = {
+            rule["name"] for group in get("/api/v1/rules")["groups"] for rule in group["rules"]
+        }
+        shipped = {
+            rule["alert"]
+            for group in yaml.safe_load(ALERTS.read_text())["groups"]
+            for rule in group["rules"]
+        }
+        assert loaded == shipped
+        config = yaml.safe_load(get("/api/v1/status/config")["yaml"])
+        jobs = {job["job_name"] for job in config["scrape_configs"]}
+        assert {"inference-workers", "inference-exporter"} <= jobs
+    finally:
+        process.stop()
