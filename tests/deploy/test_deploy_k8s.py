@@ -13,6 +13,7 @@ import yaml
 from deploy_helpers import K8S_DIR, load_yaml_documents, option_value
 
 from contract.names import QUEUE_CPU, QUEUE_GPU, row_queue
+from worker.lane.transport import priority_lists
 
 KUSTOMIZATION = K8S_DIR / "kustomization.yaml"
 # The oldest Kubernetes release the manifests are meant for, and the newest the validator knows.
@@ -221,7 +222,8 @@ def test_scaled_object_per_worker_on_its_queues(
     by_kind: dict[str, dict[str, dict[str, Any]]], kustomization: dict[str, Any], name: str
 ) -> None:
     """Each worker Deployment scales on the lengths of the lists its workers consume: the
-    queue of its -Q and that queue's row queue (contract.names)."""
+    queue of its -Q and that queue's row queue (contract.names), each with kombu's lists
+    for jobs sent with a priority."""
     scaled = by_kind["ScaledObject"][name]
     assert scaled["apiVersion"] == KEDA_API
     assert scaled["spec"]["scaleTargetRef"]["name"] in by_kind["Deployment"]
@@ -229,7 +231,8 @@ def test_scaled_object_per_worker_on_its_queues(
     queue = WORKER_QUEUES[name]
     triggers = scaled["spec"]["triggers"]
     assert {t["type"] for t in triggers} == {"redis"}
-    assert sorted(t["metadata"]["listName"] for t in triggers) == sorted([queue, row_queue(queue)])
+    expected = priority_lists(queue) + priority_lists(row_queue(queue))
+    assert [t["metadata"]["listName"] for t in triggers] == expected
     config = by_kind["ConfigMap"]["inference-config"]["data"]
     broker_db = urlparse(config["REDIS_URL"]).path.lstrip("/") or "0"
     for trigger in triggers:
@@ -257,3 +260,13 @@ def test_every_worker_deployment_is_scaled(by_kind: dict[str, dict[str, dict[str
 def test_the_cpu_queue_keeps_a_worker(by_kind: dict[str, dict[str, dict[str, Any]]]) -> None:
     """The health task goes to the CPU queue: its workers never scale to zero."""
     assert by_kind["ScaledObject"]["worker-cpu"]["spec"]["minReplicaCount"] >= 1
+
+
+def test_a_worker_scaled_to_zero_wakes_on_any_job(
+    by_kind: dict[str, dict[str, dict[str, Any]]],
+) -> None:
+    """Where the replicas may go to zero, one waiting job on any list brings a worker back."""
+    for name, scaled in by_kind["ScaledObject"].items():
+        if scaled["spec"].get("minReplicaCount", 0) == 0:
+            for trigger in scaled["spec"]["triggers"]:
+                assert trigger["metadata"].get("activationListLength") == "0", name
