@@ -24,6 +24,8 @@ from dockerfile_parse.constants import COMMENT_INSTRUCTION
 from dockerfile_parse.parser import image_from
 from dockerfile_parse.util import WordSplitter, get_key_val_dictionary
 
+from contract import metrics
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE_CPU = REPO_ROOT / "Dockerfile.worker"
@@ -306,3 +308,97 @@ def settings_env_names() -> set[str]:
             else:
                 names.add((prefix + (info.alias or field_name)).upper())
     return names
+
+
+# --------------------------------------------------------------------------
+# Monitoring helpers (Prometheus, Grafana)
+# --------------------------------------------------------------------------
+
+DEPLOY_DIR = REPO_ROOT / "deploy"
+PROMETHEUS_DIR = DEPLOY_DIR / "prometheus"
+GRAFANA_DIR = DEPLOY_DIR / "grafana"
+K8S_DIR = DEPLOY_DIR / "k8s"
+
+# The series the workers (on INFERENCE_METRICS_PORT) and the queue exporter
+# (`python -m producer metrics`) expose, by type: dashboards and alerts may use these only.
+WORKER_COUNTERS = (metrics.JOBS_TOTAL, metrics.ROWS_TOTAL)
+WORKER_HISTOGRAMS = (
+    metrics.QUEUE_WAIT_SECONDS,
+    metrics.COMPUTE_SECONDS,
+    metrics.TASK_SECONDS,
+    metrics.LANE_BATCH_SIZE,
+)
+WORKER_GAUGES = (metrics.MODEL_LOAD_SECONDS, metrics.MODEL_WARMUP_SECONDS, metrics.MODEL_INFO)
+EXPORTER_GAUGES = (
+    metrics.QUEUE_DEPTH,
+    metrics.QUEUE_OLDEST_AGE_SECONDS,
+    metrics.WORKERS_LIVE,
+    metrics.JOBS_HELD,
+)
+
+
+def exposed_series() -> set[str]:
+    """Every series name a query may select: histograms as their _bucket/_sum/_count."""
+    names = set(WORKER_COUNTERS) | set(WORKER_GAUGES) | set(EXPORTER_GAUGES)
+    for histogram in WORKER_HISTOGRAMS:
+        names |= {f"{histogram}_bucket", f"{histogram}_sum", f"{histogram}_count"}
+    return names
+
+
+_PROMQL_STRING = re.compile(r""""(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|`[^`]*`""")
+_PROMQL_GROUPING = re.compile(
+    r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", re.IGNORECASE
+)
+_PROMQL_KEYWORDS = {"bool", "and", "or", "unless", "offset", "inf", "nan", "atan2"}
+_PROMQL_IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects: identifiers that are not functions,
+    keywords, label names (in matchers and grouping clauses), strings or durations."""
+    text = _PROMQL_STRING.sub('""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # range and subquery windows
+    text = _PROMQL_GROUPING.sub(" ", text)
+    names: set[str] = set()
+    for m in _PROMQL_IDENTIFIER.finditer(text):
+        before = text[m.start() - 1] if m.start() else " "
+        if before.isdigit() or before in "._$":
+            continue  # a number's exponent, a duration's unit, a dashboard variable
+        if text[m.end() :].lstrip().startswith("("):
+            continue  # a function call or aggregation
+        if m.group(0).lower() in _PROMQL_KEYWORDS:
+            continue
+        names.add(m.group(0))
+    return names
+
+
+# Grafana's variables, as concrete values Prometheus accepts.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+
+
+def grafana_expr_for_prometheus(expr: str, variables: dict[str, str]) -> str:
+    """A dashboard query with Grafana's and the dashboard's own variables substituted."""
+    values = {**GRAFANA_VARIABLES, **{f"${k}": v for k, v in variables.items()}}
+    for name in sorted(values, key=len, reverse=True):
+        expr = expr.replace(name, values[name])
+    return expr
+
+
+def dashboard_panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every panel of a dashboard, those nested in collapsed rows included; rows left out."""
+    out: list[dict[str, Any]] = []
+    for panel in panels:
+        if panel.get("type") == "row":
+            out += dashboard_panels(panel.get("panels", []))
+        else:
+            out.append(panel)
+    return out
+
+
+def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
+    """The documents of a multi-document YAML file, empty ones skipped."""
+    import yaml
+
+    with path.open() as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc]

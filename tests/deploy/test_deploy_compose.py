@@ -25,7 +25,7 @@ from contract.names import QUEUE_CPU, QUEUE_GPU
 
 WORKER_SERVICES = ("worker-cpu", "worker-gpu")
 # Services that import the Celery app or the producer and so need Redis.
-REDIS_CLIENTS = ("worker-cpu", "worker-gpu", "beat", "producer")
+REDIS_CLIENTS = ("worker-cpu", "worker-gpu", "beat", "producer", "exporter", "flower")
 
 
 def _celery_argv(service: dict[str, Any]) -> list[str]:
@@ -314,3 +314,63 @@ def test_worker_environment_validates(
     assert settings.redis_url.startswith("redis")
     if name == "worker-gpu":
         assert settings.provider == "cuda"
+
+
+# --------------------------------------------------------------------------
+# Monitoring profile
+# --------------------------------------------------------------------------
+
+MONITORING_SERVICES = ("exporter", "prometheus", "grafana", "flower")
+
+
+def test_monitoring_services_are_behind_their_profile(services: dict[str, Any]) -> None:
+    for name in MONITORING_SERVICES:
+        assert services[name].get("profiles") == ["monitoring"], name
+    for name in ("redis", "train", "worker-cpu", "beat"):
+        assert not services[name].get("profiles"), f"{name} must start without a profile"
+
+
+def test_published_ports_are_loopback_only(services: dict[str, Any]) -> None:
+    """Nothing here has a login worth the name: every published port is on 127.0.0.1."""
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            text = (
+                port
+                if isinstance(port, str)
+                else f"{port.get('host_ip', '')}:{port.get('published')}"
+            )
+            assert text.startswith("127.0.0.1:"), f"{name} published beyond loopback: {port}"
+
+
+@pytest.mark.parametrize("name", WORKER_SERVICES)
+def test_workers_serve_metrics(services: dict[str, Any], name: str) -> None:
+    env = resolve_defaults(service_environment(services[name]))
+    port = env.get("INFERENCE_METRICS_PORT", "")
+    assert port.isdigit() and 1024 < int(port) < 65536, port
+    assert port in [str(p) for p in services[name].get("expose", [])]
+
+
+def test_beat_serves_no_metrics(services: dict[str, Any]) -> None:
+    """Only workers are scraped; beat would bind a port nobody reads."""
+    assert "INFERENCE_METRICS_PORT" not in service_environment(services["beat"])
+
+
+def test_flower_image_carries_the_monitoring_extra(
+    services: dict[str, Any], cpu_dockerfile
+) -> None:
+    build = services["flower"]["build"]
+    assert build["dockerfile"] == "Dockerfile.worker"
+    stage = cpu_dockerfile.stage(build["target"])
+    installs = [
+        inst.args
+        for s in cpu_dockerfile.lineage(stage)
+        for inst in s.all("RUN")
+        if "pip install" in inst.args
+    ]
+    sources = {inst.flags().get("from") for inst in stage.all("COPY")} - {None}
+    for source in sources:
+        for s in cpu_dockerfile.lineage(cpu_dockerfile.stage(source)):
+            installs += [inst.args for inst in s.all("RUN") if "pip install" in inst.args]
+    assert any(re.search(r"\.\[[^\]]*\bmonitoring\b", args) for args in installs), installs
+    argv = command_argv(services["flower"]["command"])
+    assert argv[:4] == ["celery", "-A", "worker", "flower"]

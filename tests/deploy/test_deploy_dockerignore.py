@@ -60,6 +60,7 @@ def _excluded(path: str) -> bool:
         ".git/HEAD",
         "models/friedman1/CURRENT",
         "tests/deploy/conftest.py",
+        "deploy/k8s/kustomization.yaml",
         ".pytest_cache/v/cache/nodeids",
         ".mypy_cache/3.11/x.json",
         ".ruff_cache/CACHEDIR.TAG",
