@@ -27,7 +27,7 @@ from celery import Celery
 
 from contract.names import TASK_PREDICT, result_key, row_queue
 from stack.embedded_redis import EmbeddedRedis
-from stack.processes import CeleryProcess, celery_env, worker_process
+from stack.processes import CeleryProcess, celery_env, wait_ready, worker_process
 from tests.support import TrainedModel
 
 pytestmark = pytest.mark.integration
@@ -103,9 +103,13 @@ def test_sigkill_of_a_whole_worker_loses_no_stock_client_job(
         sender.send_task(
             TASK_PREDICT, kwargs={"features": row.tolist()}, queue=target, task_id=task_id
         )
+    # A first, so that it is draining the backlog (jobs in hand) when it is killed; B starts
+    # beside it and finishes the work.
     a = start(env, tmp_path, queue, a_name, 2)
-    b = start(env, tmp_path, queue, b_name, 1)
+    b = worker_process(env, tmp_path / f"{b_name}.log", queue=queue, name=b_name, concurrency=1)
     try:
+        wait_ready(a, probe, a_name, 1)
+        b.start()
         while len(results(probe, ids)) < JOBS // 3:
             assert a.running and b.running
             time.sleep(0.05)
