@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from contract.errors import InferenceError, JournalError
-from contract.schemas import HealthReport
+from contract.schemas import ExplainResult, HealthReport
 from producer.client import Client, TaskStatus
-from producer.health import format_health
+from producer.health import format_health, format_model_info
 from producer.settings import ProducerSettings, redact
 
 
@@ -36,6 +36,39 @@ def _finish(client: Client, task_id: str, wait: bool, timeout: float | None) -> 
 def cmd_predict(client: Client, args: argparse.Namespace) -> int:
     task_id = client.submit(args.features, queue=args.queue)
     return _finish(client, task_id, not args.no_wait, args.timeout)
+
+
+def cmd_explain(client: Client, args: argparse.Namespace) -> int:
+    task_id = client.submit_explain([args.features], queue=args.queue)
+    if args.no_wait:
+        print(task_id)
+        return 0
+    (status,) = client.wait_any([task_id], args.timeout)
+    if status.state != "SUCCESS" or status.result is None:
+        return _print_status(status)
+    result = ExplainResult.model_validate(status.result)
+    (explanation,) = result.explanations()
+    _print_json(
+        {
+            "task_id": task_id,
+            **explanation.model_dump(),
+            **result.model_dump(include={"model_name", "model_version", "provider", "device"}),
+            "latency": result.latency.model_dump(),
+        }
+    )
+    return 0
+
+
+def cmd_model_info(client: Client, args: argparse.Namespace) -> int:
+    info = client.model_info(args.queue, refresh=True)
+    if info is None:
+        print(f"no worker of queue {args.queue!r} has published its model yet", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(info.model_dump())
+    else:
+        print(format_model_info(info))
+    return 0
 
 
 def cmd_batch(client: Client, args: argparse.Namespace) -> int:
@@ -129,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_wait(p)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser(
+        "explain", help="one row's SHAP contributions: python -m producer explain 0.1 0.2 ..."
+    )
+    p.add_argument("features", nargs="+", type=float)
+    add_queue_wait(p)
+    p.set_defaults(func=cmd_explain)
+
     p = sub.add_parser("batch", help="rows from a JSON file ([[...], ...]) or - for stdin")
     p.add_argument("rows")
     add_queue_wait(p)
@@ -158,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard an earlier run's journal for this output instead of resuming it",
     )
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "model-info", help="what the workers serve: version, features, metrics, importances"
+    )
+    p.add_argument("--queue", default="cpu", help="cpu, gpu, or a queue name (default cpu)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_model_info)
 
     p = sub.add_parser("health", help="the latest health report")
     p.add_argument("--json", action="store_true")

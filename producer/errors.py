@@ -4,6 +4,7 @@ They are defined once, in contract.errors; see its docstring for the tree.
 """
 
 from contract.errors import (
+    ExplainUnavailable,
     FeatureCountMismatch,
     InferenceError,
     InvalidInput,
@@ -25,6 +26,7 @@ from contract.errors import (
 )
 
 __all__ = [
+    "ExplainUnavailable",
     "FeatureCountMismatch",
     "InferenceError",
     "InvalidInput",

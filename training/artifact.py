@@ -27,6 +27,12 @@ CURRENT_FILE = "CURRENT"
 BENCHMARK_FILE = "benchmark.json"
 Variant = Literal["cpu", "gpu", "explain"]
 
+# explain.onnx (training.explain) takes the manifest's input_name and returns
+# CONTRIBUTIONS_NAME: float64 [batch, n_features], the base value not included.
+CONTRIBUTIONS_NAME = "contributions"
+EXPLAIN_BATCH_ROWS = 16
+"""Rows per explain.onnx call: its intermediates take ~5 MB a row for the default model."""
+
 
 class ModelFile(BaseModel):
     path: str

@@ -39,11 +39,9 @@ from sklearn.ensemble import RandomForestRegressor
 from sklearn.pipeline import Pipeline
 
 from contract.errors import TrainingError
+from training.artifact import CONTRIBUTIONS_NAME
 from training.export import INPUT_NAME, OPSET, SCALED_NAME, pipeline_steps, scaler_nodes
 from training.gemm import _round_down_to_float32
-
-CONTRIBUTIONS_NAME = "contributions"
-"""Output of explain.onnx: float64 [batch, n_features], one SHAP value per feature."""
 
 MAX_FEATURES = 10
 """Most features a model may have for explain.onnx: the table holds 2^features patterns."""

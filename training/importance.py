@@ -13,13 +13,11 @@ from sklearn.inspection import permutation_importance
 from sklearn.pipeline import Pipeline
 
 from contract.errors import ConversionMismatch
+from training.artifact import CONTRIBUTIONS_NAME, EXPLAIN_BATCH_ROWS
 from training.config import TrainConfig
 from training.data import Dataset
-from training.explain import CONTRIBUTIONS_NAME, ExplainTooLarge, build_explain_model
+from training.explain import ExplainTooLarge, build_explain_model
 from training.export import INPUT_NAME, MAX_ABS_DIFF, cpu_session, pipeline_steps
-
-EXPLAIN_BATCH_ROWS = 64
-"""Rows per explain.onnx call: its intermediates take ~2 MB a row."""
 
 
 @dataclass(frozen=True)

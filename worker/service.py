@@ -18,17 +18,20 @@ from contract.errors import InferenceError, PredictionFailed
 from contract.schemas import (
     BatchRequest,
     BatchResult,
+    ExplainRequest,
+    ExplainResult,
     Latency,
     PredictRequest,
     PredictResult,
     encode_f32,
     parse_request,
 )
+from worker.explainer import unavailable
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", PredictRequest, BatchRequest)
+M = TypeVar("M", PredictRequest, BatchRequest, ExplainRequest)
 
 
 @dataclass(frozen=True)
@@ -180,3 +183,33 @@ def predict_batch(rt: Runtime, job: Job) -> dict[str, Any]:
         **_model_fields(rt, job.hostname),
     )
     return result.model_dump(exclude={"predictions" if compact else "predictions_f32"})
+
+
+def explain(rt: Runtime, job: Job) -> dict[str, Any]:
+    """inference.explain, on either path: the result document, or the error raised."""
+    started = Started.now()
+    try:
+        explainer = rt.model.explainer
+        if explainer is None:
+            raise unavailable(rt.model.manifest, rt.settings)
+        request = parse(rt, ExplainRequest, job.args, job.kwargs)
+        matrix = request.matrix()
+        t0 = time.perf_counter()
+        predictions = rt.model.predict(matrix)
+        contributions = explainer.explain(matrix)
+        inference_ms = (time.perf_counter() - t0) * 1000.0
+    except Exception:
+        rt.stats.failed()
+        raise
+    latency = _latency(job.enqueued_at, started, inference_ms)
+    rt.stats.succeeded(latency.task_ms, len(predictions))
+    result = ExplainResult(
+        feature_names=explainer.feature_names,
+        base_value=explainer.base_value,
+        predictions=predictions.astype(np.float64).tolist(),
+        contributions=contributions.tolist(),
+        rows=len(predictions),
+        latency=latency,
+        **_model_fields(rt, job.hostname),
+    )
+    return result.model_dump()

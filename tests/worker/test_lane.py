@@ -206,7 +206,7 @@ def test_a_batch_serves_good_jobs_and_fails_bad_ones_each_with_its_own_result(
         assert 0 < client.ttl(result_key(task_id)) <= lane.transport.result_ttl
     assert meta(client, short)["result"]["exc_type"] == "FeatureCountMismatch"  # type: ignore[index]
     assert meta(client, nan)["result"]["exc_type"] == "InvalidInput"  # type: ignore[index]
-    assert "inference.predict_batch jobs only" in str(meta(client, other)["result"])
+    assert "inference.explain jobs only" in str(meta(client, other)["result"])
     # A batch job on the lane is served on its own, by the same code as Celery's path.
     served = BatchResult.model_validate(meta(client, batch)["result"])
     assert served.rows == 3 and served.predictions is not None
