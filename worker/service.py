@@ -186,30 +186,58 @@ def predict_batch(rt: Runtime, job: Job) -> dict[str, Any]:
 
 
 def explain(rt: Runtime, job: Job) -> dict[str, Any]:
-    """inference.explain, on either path: the result document, or the error raised."""
+    """inference.explain on Celery's path: the result document, or the job's error raised."""
+    (outcome,) = explain_many(rt, [job])
+    if isinstance(outcome, InferenceError):
+        raise outcome
+    return outcome
+
+
+def explain_many(rt: Runtime, jobs: Sequence[Job]) -> list[dict[str, Any] | InferenceError]:
+    """inference.explain jobs explained together, with one pass of the explanation graph
+    over all their rows (it costs ~1 ms a row, far more per call than the model): each job's
+    result document, or its error."""
     started = Started.now()
+    explainer = rt.model.explainer
+    outcomes: list[Any] = []
+    for job in jobs:
+        try:
+            if explainer is None:
+                raise unavailable(rt.model.manifest, rt.settings)
+            outcomes.append(parse(rt, ExplainRequest, job.args, job.kwargs).matrix())
+        except InferenceError as exc:
+            rt.stats.failed()
+            outcomes.append(exc)
+    matrices = [m for m in outcomes if isinstance(m, np.ndarray)]
+    if not matrices or explainer is None:
+        return outcomes
+    rows = np.concatenate(matrices)
+    t0 = time.perf_counter()
     try:
-        explainer = rt.model.explainer
-        if explainer is None:
-            raise unavailable(rt.model.manifest, rt.settings)
-        request = parse(rt, ExplainRequest, job.args, job.kwargs)
-        matrix = request.matrix()
-        t0 = time.perf_counter()
-        predictions = rt.model.predict(matrix)
-        contributions = explainer.explain(matrix)
-        inference_ms = (time.perf_counter() - t0) * 1000.0
-    except Exception:
-        rt.stats.failed()
-        raise
-    latency = _latency(job.enqueued_at, started, inference_ms)
-    rt.stats.succeeded(latency.task_ms, len(predictions))
-    result = ExplainResult(
-        feature_names=explainer.feature_names,
-        base_value=explainer.base_value,
-        predictions=predictions.astype(np.float64).tolist(),
-        contributions=contributions.tolist(),
-        rows=len(predictions),
-        latency=latency,
-        **_model_fields(rt, job.hostname),
-    )
-    return result.model_dump()
+        predictions = rt.model.predict(rows).astype(np.float64)
+        contributions = explainer.explain(rows)
+    except Exception as exc:
+        log.exception("explaining %d row(s) of %d job(s) failed", len(rows), len(matrices))
+        failed = PredictionFailed(f"explanation failed: {exc}")
+        return [failed if isinstance(o, np.ndarray) else o for o in outcomes]
+    inference_ms = (time.perf_counter() - t0) * 1000.0
+    fields = _model_fields(rt, jobs[0].hostname if jobs else "")
+    offset = 0
+    for i, (job, outcome) in enumerate(zip(jobs, outcomes, strict=True)):
+        if not isinstance(outcome, np.ndarray):
+            continue
+        n = len(outcome)
+        latency = _latency(job.enqueued_at, started, inference_ms)
+        rt.stats.succeeded(latency.task_ms, n)
+        result = ExplainResult(
+            feature_names=explainer.feature_names,
+            base_value=explainer.base_value,
+            predictions=predictions[offset : offset + n].tolist(),
+            contributions=contributions[offset : offset + n].tolist(),
+            rows=n,
+            latency=latency,
+            **fields,
+        )
+        outcomes[i] = result.model_dump()
+        offset += n
+    return outcomes
