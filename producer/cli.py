@@ -109,6 +109,7 @@ def cmd_score(client: Client, args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             timeout_s=args.timeout,
             restart=args.restart,
+            explain=args.explain,
             log=note,
         )
     except KeyboardInterrupt:
@@ -192,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default=None, help="comma-separated feature column names")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for one chunk")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="also write each row's SHAP contributions (shap_<feature>) and shap_base",
+    )
     p.add_argument(
         "--restart",
         action="store_true",
