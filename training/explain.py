@@ -17,6 +17,15 @@ Every path's contribution is therefore tabulated here, for every pattern, and th
 compares each row with each path's intervals, forms the pattern index and gathers the
 tabulated values: no recursion, the same fixed work for every row.
 
+Layout: one slot per model feature (a feature off the path has the interval (-inf, inf)
+and z = 1, so its bit is always 1 and it adds nothing). The comparisons are then plain
+broadcasts of each feature against a row of per-path bounds, with no per-path gather of
+x; the price is a table of paths x 2^features x features float32 values (45 MB for the
+default model: 70,344 paths, 5 features), so models with more than MAX_FEATURES features
+or a table above MAX_TABLE_BYTES are published without explain.onnx. The lookup runs
+paths outermost, so the rows of a batch read each path's 640-byte block while it is in
+cache.
+
 Details that keep it exact (same values as shap.TreeExplainer on the scikit-learn forest):
 - covers are weighted_n_node_samples, as shap reads scikit-learn trees (bootstrap counts);
 - the scaler runs in the graph as in the prediction graphs (float64, then float32), and the
