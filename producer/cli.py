@@ -91,27 +91,31 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
 def cmd_score(client: Client, args: argparse.Namespace) -> int:
     # Bulk scoring brings pyarrow: only this command pays for importing it.
     from producer.bulk import journal_path, score_csv
+    from producer.parquet_score import is_parquet, score_parquet
 
     output = Path(args.output)
+    parquet = args.format == "parquet" or (args.format is None and is_parquet(Path(args.input)))
 
     def note(message: str) -> None:
         print(message, file=sys.stderr)
 
+    options: dict[str, Any] = {
+        "queue": args.queue,
+        "chunk_rows": args.chunk_rows,
+        "max_in_flight": args.in_flight,
+        "features": args.features.split(",") if args.features else None,
+        "timeout_s": args.timeout,
+        "restart": args.restart,
+        "explain": args.explain,
+        "log": note,
+    }
     try:
-        summary = score_csv(
-            client,
-            Path(args.input),
-            output,
-            queue=args.queue,
-            chunk_rows=args.chunk_rows,
-            max_in_flight=args.in_flight,
-            features=args.features.split(",") if args.features else None,
-            progress=not args.no_progress,
-            timeout_s=args.timeout,
-            restart=args.restart,
-            explain=args.explain,
-            log=note,
-        )
+        if parquet:
+            summary = score_parquet(client, Path(args.input), output, **options)
+        else:
+            summary = score_csv(
+                client, Path(args.input), output, progress=not args.no_progress, **options
+            )
     except KeyboardInterrupt:
         kept = journal_path(output)
         note(
@@ -184,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None)
     p.set_defaults(func=cmd_wait)
 
-    p = sub.add_parser("score", help="score a CSV file: every row back, in order")
+    p = sub.add_parser(
+        "score", help="score a CSV or Parquet file: every row back, in order, resumable"
+    )
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--queue", default="cpu")
@@ -193,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default=None, help="comma-separated feature column names")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for one chunk")
+    p.add_argument(
+        "--format",
+        choices=["csv", "parquet"],
+        default=None,
+        help="of the input and the output (default: by the input's extension, .parquet/.pq)",
+    )
     p.add_argument(
         "--explain",
         action="store_true",
