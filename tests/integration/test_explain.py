@@ -152,3 +152,19 @@ def test_cli_model_info(
     assert as_json["importances"] == trained_model.manifest.importances
     missing = run_producer(redis_url, "model-info", "--queue", "nobody-here")
     assert missing.returncode == 1 and "nobody-here" in missing.stderr
+
+
+def test_async_client_explains_like_the_sync_one(
+    producer_settings, client: Client, trained_model: TrainedModel
+) -> None:
+    import asyncio
+
+    from producer import AsyncClient
+
+    rows = trained_model.X_test[:3].tolist()
+
+    async def main() -> list:
+        async with AsyncClient(producer_settings) as aclient:
+            return await aclient.explain(rows, timeout=30)
+
+    assert asyncio.run(main()) == client.explain(rows, timeout=30)
