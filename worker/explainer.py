@@ -34,7 +34,11 @@ class Explainer:
         return np.concatenate(parts).astype(np.float64, copy=False)
 
 
-def unavailable(manifest: Manifest, settings: WorkerSettings) -> ExplainUnavailable:
+def unavailable(
+    manifest: Manifest, settings: WorkerSettings, reason: str | None = None
+) -> ExplainUnavailable:
+    if reason is not None:
+        return ExplainUnavailable(reason)
     if not settings.explain:
         return ExplainUnavailable("this worker was started with INFERENCE_EXPLAIN=false")
     return ExplainUnavailable(

@@ -39,6 +39,8 @@ class LoadedModel:
     """Graph nodes per execution provider, as onnxruntime's profiler saw them at start-up."""
     explainer: Explainer | None = None
     """explain.onnx's session, when the model has one and the worker explains."""
+    explain_refused: str | None = None
+    """Why a model with explain.onnx is served without it (its placement failed on CUDA)."""
 
     @property
     def n_features(self) -> int:
@@ -178,7 +180,13 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
     session, placement = _checked_session(settings, provider, path, sample, manifest.input_name)
     device = f"cuda:{settings.cuda_device_id}" if provider == CUDA else "cpu"
     model = LoadedModel(manifest, session, provider, device, variant, placement)
-    model.explainer = _load_explainer(settings, provider, manifest, sample)
+    try:
+        model.explainer = _load_explainer(settings, provider, manifest, sample)
+    except ProviderUnavailable as exc:
+        # Predictions are what a GPU worker is for: it keeps serving them, and each explain
+        # job fails with this reason instead of running on the CPU under a GPU label.
+        log.error("serving without explanations: %s", exc)
+        model.explain_refused = f"explanations are off on this worker: {exc}"
 
     for i in range(settings.warmup_runs):
         model.predict(sample[: 1 if i % 2 else len(sample)])

@@ -203,7 +203,7 @@ def explain_many(rt: Runtime, jobs: Sequence[Job]) -> list[dict[str, Any] | Infe
     for job in jobs:
         try:
             if explainer is None:
-                raise unavailable(rt.model.manifest, rt.settings)
+                raise unavailable(rt.model.manifest, rt.settings, rt.model.explain_refused)
             outcomes.append(parse(rt, ExplainRequest, job.args, job.kwargs).matrix())
         except InferenceError as exc:
             rt.stats.failed()

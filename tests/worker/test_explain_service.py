@@ -111,3 +111,27 @@ def test_a_worker_started_without_explanations_refuses_them_permanently(
     with pytest.raises(ExplainUnavailable, match="INFERENCE_EXPLAIN=false") as info:
         explain(quiet, rows=[[0.5] * 5])
     assert not info.value.retryable
+
+
+def test_explanations_placed_off_cuda_leave_predictions_served(
+    trained_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contract.errors import ProviderUnavailable
+    from worker import model as model_module
+
+    checked = model_module._checked_session
+
+    def placement_fails_for_explain(settings, provider, path, sample, input_name):  # type: ignore[no-untyped-def]
+        if path.name == "explain.onnx":
+            raise ProviderUnavailable("the GPU model explain.onnx placed 3 node(s) off CUDA")
+        return checked(settings, provider, path, sample, input_name)
+
+    monkeypatch.setattr(model_module, "_checked_session", placement_fails_for_explain)
+    degraded = runtime(trained_model)
+    assert degraded.model.explainer is None
+    row = trained_model.X_test[0]
+    assert degraded.model.predict(row[None].astype(np.float32))[0] == pytest.approx(
+        float(trained_model.reference(row[None])[0]), abs=1e-6
+    )
+    with pytest.raises(ExplainUnavailable, match="explanations are off on this worker"):
+        explain(degraded, rows=[row.tolist()])

@@ -13,7 +13,9 @@ Batch jobs (inference.predict_batch) sent here skip Celery's consumer too: the b
 sends its chunks here, where a 20,000-row chunk costs no Celery message handling in the
 worker's main process nor its pool hand-off (~7 ms a chunk). They run the same code as on
 Celery's path (worker.service), without Celery's time limits, after the single rows taken
-with them have their results: a row never waits for a batch.
+with them have their results: a row never waits for a batch. Explain jobs (inference.explain)
+taken together are explained in one pass (worker.service.explain_many), single rows and
+batches alike.
 """
 
 from __future__ import annotations
