@@ -7,7 +7,8 @@ configuration:
 2. explain.onnx in this process with onnxruntime, one thread; the values are checked
    against shap's (max |diff|) and the predictions (additivity);
 3. unless --no-queue: a private redis-server and a one-process CPU worker serving
-   inference.explain: single-row jobs through the row lane, and bulk chunks (rows_f32).
+   inference.explain: single-row jobs through the row lane, and `score --explain` of a
+   generated CSV file (producer.bulk), end to end.
 
 It prints rows/s and the ratios: explain.onnx / shap (goal >= 10) and through the queue /
 in-process. shap is a development dependency (the dev extra). Only the ratios of one run
@@ -28,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import redis
 
 from contract.errors import BenchError
-from contract.names import TASK_EXPLAIN
-from contract.schemas import ExplainResult, encode_f32
+from producer.bulk import score_csv
 from producer.client import Client
 from producer.settings import ProducerSettings
 from stack.embedded_redis import EmbeddedRedis
@@ -121,13 +123,13 @@ def through_queue(
                 probe.close()
             settings = ProducerSettings(redis_url=server.url, broker_url=None, result_backend=None)
             with Client(settings) as client:
-                return _measure_queue(client, X, jobs, bulk_rows, chunk_rows, say)
+                return _measure_queue(client, X, jobs, bulk_rows, chunk_rows, work, say)
         finally:
             worker.stop()
 
 
 def _measure_queue(
-    client: Client, X: np.ndarray, jobs: int, bulk_rows: int, chunk_rows: int,
+    client: Client, X: np.ndarray, jobs: int, bulk_rows: int, chunk_rows: int, work: Path,
     say: Callable[[str], None],
 ) -> dict[str, Any]:  # fmt: skip
     rows = np.resize(X, (max(jobs, 1), X.shape[1]))
@@ -141,21 +143,16 @@ def _measure_queue(
     single_s = time.perf_counter() - start
 
     bulk = np.resize(X, (bulk_rows, X.shape[1])).astype(np.float32)
-    say(f"{bulk_rows} rows as explain jobs of {chunk_rows} rows (rows_f32), two in flight")
-    start = time.perf_counter()
-    pending: list[str] = []
-    done = 0
-    for offset in range(0, bulk_rows, chunk_rows):
-        chunk = bulk[offset : offset + chunk_rows]
-        kwargs = {"rows_f32": encode_f32(chunk), "n_features": chunk.shape[1]}
-        pending.append(client.send(TASK_EXPLAIN, kwargs))
-        if len(pending) >= 2:
-            done += ExplainResult.model_validate(client.wait(pending.pop(0), 600)).rows
-    for task_id in pending:
-        done += ExplainResult.model_validate(client.wait(task_id, 600)).rows
-    bulk_s = time.perf_counter() - start
-    if done != bulk_rows:
-        raise BenchError(f"bulk explain returned {done} rows of {bulk_rows}")
+    src, dst = work / "bulk.csv", work / "bulk-explained.csv"
+    names = [f"x{i}" for i in range(bulk.shape[1])]
+    pa_csv.write_csv(pa.table({n: bulk[:, i] for i, n in enumerate(names)}), src)
+    say(f"score --explain of a {bulk_rows}-row CSV file, chunks of {chunk_rows}, two in flight")
+    summary = score_csv(
+        client, src, dst, chunk_rows=chunk_rows, max_in_flight=2, progress=False, explain=True
+    )
+    if summary.rows != bulk_rows:
+        raise BenchError(f"score --explain wrote {summary.rows} rows of {bulk_rows}")
+    bulk_s = summary.seconds
     return {
         "single_row_jobs": jobs,
         "single_row_rows_per_s": _rate(jobs, single_s),
@@ -183,7 +180,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         base = local["explain_onnx_rows_per_s"]
         for label, key in (
             (f"single-row jobs ({queue['single_row_jobs']})", "single_row_rows_per_s"),
-            (f"bulk, chunks of {queue['bulk_chunk_rows']}", "bulk_rows_per_s"),
+            (f"score --explain, {queue['bulk_rows']} rows", "bulk_rows_per_s"),
         ):
             rate = queue[key]
             lines.append(
