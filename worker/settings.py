@@ -87,8 +87,9 @@ class WorkerSettings(ConnectionSettings):
 
     explain: bool = True
     """Load the model's explain.onnx, when it has one, and serve inference.explain. Off
-    saves its memory (~100 MB a process for the default model); explain jobs then fail
-    with ExplainUnavailable."""
+    saves its memory (for the default model, ~120 MB a process: ~43 MB once loaded, the
+    rest onnxruntime's working memory once it has explained); explain jobs then fail with
+    ExplainUnavailable."""
 
     warmup_runs: int = Field(default=20, ge=0)
     """Inference runs made at process start, before the first job is taken."""
