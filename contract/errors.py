@@ -2,8 +2,9 @@
 
     InferenceError
     ├── PermanentError            the job cannot succeed as sent: never retried
-    │   └── InvalidInput          ├── FeatureCountMismatch, TooManyRows, MessageTooLarge
-    │                             └── MessageRefused (not a task message; never on the wire)
+    │   ├── InvalidInput          ├── FeatureCountMismatch, TooManyRows, MessageTooLarge
+    │   │                         └── MessageRefused (not a task message; never on the wire)
+    │   └── ExplainUnavailable    the served model has no explanation graph
     ├── TransientError            the same job may succeed later: retried
     │   ├── ModelNotReady, PredictionFailed
     │   └── RedisUnreachable, QueueFull
@@ -82,6 +83,12 @@ class MessageRefused(InvalidInput):
     def __init__(self, message: str, headers: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.headers = headers or {}
+
+
+class ExplainUnavailable(PermanentError):
+    """inference.explain reached a worker whose model has no explain.onnx (trained with
+    --no-explain-model, or too wide to tabulate), or that was started with INFERENCE_EXPLAIN
+    off: that worker can never serve it."""
 
 
 class TransientError(InferenceError):

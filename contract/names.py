@@ -7,6 +7,8 @@ from __future__ import annotations
 
 TASK_PREDICT = "inference.predict"
 TASK_PREDICT_BATCH = "inference.predict_batch"
+# SHAP contributions of each row (same arguments and limits as inference.predict_batch).
+TASK_EXPLAIN = "inference.explain"
 TASK_HEALTH = "inference.health"
 # Does nothing: Celery's own cost per message, the baseline the benchmark compares with.
 TASK_NOOP = "inference.noop"
@@ -15,9 +17,10 @@ QUEUE_CPU = "inference.cpu"
 QUEUE_GPU = "inference.gpu"
 QUEUES: dict[str, str] = {"cpu": QUEUE_CPU, "gpu": QUEUE_GPU}
 
-# Single-row jobs (inference.predict) go to their own queue beside each of these, where
-# every worker process takes them in batches (worker.lane); the queues above carry the
-# rest (batches, health) through Celery's own consumer.
+# Single-row jobs (inference.predict) and explanations (inference.explain) go to their own
+# queue beside each of these, where every worker process takes them in batches
+# (worker.lane); the queues above carry the rest (batches, health) through Celery's own
+# consumer, and serve any of those tasks sent there directly.
 ROW_QUEUE_SUFFIX = ".rows"
 
 
@@ -28,7 +31,7 @@ def row_queue(queue: str) -> str:
 
 def queue_for(task: str, queue: str) -> str:
     """Where a `task` for the workers of `queue` is sent."""
-    return row_queue(queue) if task == TASK_PREDICT else queue
+    return row_queue(queue) if task in (TASK_PREDICT, TASK_EXPLAIN) else queue
 
 
 # Optional message header (Unix seconds, float) set by the producer when it

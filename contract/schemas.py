@@ -121,6 +121,11 @@ class BatchRequest(BaseModel):
         return matrix
 
 
+class ExplainRequest(BatchRequest):
+    """kwargs of `inference.explain`: the rows to explain, in either of BatchRequest's forms,
+    under the same limits."""
+
+
 class Latency(BaseModel):
     """Milliseconds. queue_wait_ms is null when the message had no enqueued_at header."""
 
@@ -156,6 +161,37 @@ class BatchResult(_ResultBase):
     rows: int
 
 
+class ExplainResult(_ResultBase):
+    """Result of `inference.explain`: per row, in row order, the prediction and one SHAP
+    contribution per feature (in `feature_names` order), with
+    base_value + sum(contributions[i]) == predictions[i] (to ~1e-6)."""
+
+    feature_names: list[str]
+    base_value: float
+    predictions: list[float]
+    contributions: list[list[float]]
+    rows: int
+
+    def explanations(self) -> list[Explanation]:
+        """One Explanation a row, its contributions named by feature."""
+        return [
+            Explanation(
+                prediction=prediction,
+                base_value=self.base_value,
+                contributions=dict(zip(self.feature_names, row, strict=True)),
+            )
+            for prediction, row in zip(self.predictions, self.contributions, strict=True)
+        ]
+
+
+class Explanation(BaseModel):
+    """One row's explanation: prediction == base_value + sum(contributions.values())."""
+
+    prediction: float
+    base_value: float
+    contributions: dict[str, float]
+
+
 class ModelInfo(BaseModel):
     """What the serving workers have loaded; published so producers can validate early."""
 
@@ -164,6 +200,12 @@ class ModelInfo(BaseModel):
     n_features: int
     feature_names: list[str]
     max_batch_rows: int
+    target: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    importances: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """As recorded at training (training.artifact.Manifest.importances)."""
+    base_value: float | None = None
+    """The explanations' base value; None when the workers cannot explain."""
 
 
 class LatencySummary(BaseModel):
@@ -273,7 +315,7 @@ def parse_request(
         rows = _unvalidated_rows(model, kwargs)
         if rows is not None:
             check_shape(rows, n_features, limit)
-        if model is BatchRequest:
+        if issubclass(model, BatchRequest):
             _check_f32_request(kwargs, n_features, limit)
     try:
         return model.model_validate(kwargs)
@@ -288,7 +330,7 @@ def _unvalidated_rows(model: type[BaseModel], kwargs: dict[str, Any]) -> list[An
         features = kwargs.get("features")
         # An empty list is the schema's to refuse ("at least 1 item"), not a count mismatch.
         return [features] if isinstance(features, list) and features else None
-    if model is BatchRequest:
+    if issubclass(model, BatchRequest):
         rows = kwargs.get("rows")
         return rows if isinstance(rows, list) else None
     return None

@@ -12,12 +12,20 @@ from typing import Any
 
 from contract.names import (
     HEALTH_REPORT_KEY,
+    TASK_EXPLAIN,
     TASK_PREDICT,
     TASK_PREDICT_BATCH,
     UNACKED_KEY,
     model_info_key,
 )
-from contract.schemas import BatchRequest, ModelInfo, PredictRequest
+from contract.schemas import (
+    BatchRequest,
+    ExplainRequest,
+    ExplainResult,
+    Explanation,
+    ModelInfo,
+    PredictRequest,
+)
 from producer.connections import async_redis_client
 from producer.core import LIMITED_PUSH, Batch, ClientCore, Poll, TaskStatus, parse, raise_for
 from producer.settings import ProducerSettings
@@ -159,6 +167,19 @@ class AsyncClient(ClientCore):
         info = await self.model_info(queue)
         request = parse(BatchRequest, {"rows": [list(r) for r in rows]}, info)
         return await self.send(TASK_PREDICT_BATCH, request.model_dump(), queue)
+
+    async def submit_explain(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
+        """An inference.explain job for `rows` (sent to the row lane); its id."""
+        info = await self.model_info(queue)
+        request = parse(ExplainRequest, {"rows": [list(r) for r in rows]}, info)
+        return await self.send(TASK_EXPLAIN, request.model_dump(exclude_none=True), queue)
+
+    async def explain(
+        self, rows: Sequence[Sequence[float]], queue: str = "cpu", timeout: float | None = None
+    ) -> list[Explanation]:
+        """Each row's prediction and SHAP contributions, named by feature (Client.explain)."""
+        result = await self.wait(await self.submit_explain(rows, queue), timeout)
+        return ExplainResult.model_validate(result).explanations()
 
     async def submit_batch_f32(self, rows_f32: str, n_features: int, queue: str = "cpu") -> str:
         """A batch job in the compact form: rows as base64 float32 (contract.schemas)."""

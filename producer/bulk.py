@@ -37,8 +37,9 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from contract.errors import InvalidInput, NotReplicated, QueueFull
-from contract.names import TASK_PREDICT_BATCH, row_queue
-from contract.schemas import ModelInfo, check_f32_shape, decode_f32, encode_f32
+from contract.names import row_queue
+from contract.schemas import ModelInfo, check_f32_shape, encode_f32
+from producer.bulk_outputs import EXPLAIN_CHUNK_ROWS, Outputs
 from producer.client import Client, raise_for, resolve_queue
 from producer.csv_chunks import (
     PREDICTION_COLUMN,
@@ -114,13 +115,17 @@ def score_csv(
     progress: bool = True,
     timeout_s: float | None = None,
     restart: bool = False,
+    explain: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> ScoreSummary:
     """Score `in_path` into `out_path`, resuming an earlier run's journal if there is one
-    (`restart` discards it instead). A journal of another job is refused (JournalError)."""
-    chunk_rows = chunk_rows or client.settings.chunk_rows
+    (`restart` discards it instead). A journal of another job is refused (JournalError).
+    `explain` adds each row's SHAP contributions (producer.bulk_outputs)."""
+    default_rows = client.settings.chunk_rows
+    chunk_rows = chunk_rows or (min(default_rows, EXPLAIN_CHUNK_ROWS) if explain else default_rows)
     max_in_flight = max_in_flight or client.settings.max_in_flight
     info = client.model_info(queue)
+    outputs = Outputs.choose(explain, info)
     if info is not None:
         chunk_rows = min(chunk_rows, info.max_batch_rows)
     summary = ScoreSummary()
@@ -134,6 +139,8 @@ def score_csv(
             features or (info.feature_names if info else None),
         )
         job = job_header(in_path, columns, chunk_rows, queue, header.fields)
+        if outputs.explain:
+            job["outputs"] = outputs.columns
         journal, state = Journal.open(journal_path(out_path), job, restart)
         try:
             if log and (state.done or state.sent):
@@ -149,10 +156,10 @@ def score_csv(
                     disable=not progress, desc=in_path.name,
                 ) as bar,
             ):  # fmt: skip
-                out.write(header.output())
+                out.write(header.output(outputs.columns))
                 run = _Run(
                     client, queue, timeout_s, max_in_flight, info, journal, state, summary,
-                    out, bar,
+                    out, bar, outputs,
                 )  # fmt: skip
                 width = len(header.fields)
                 for chunk in iter_chunks(reader, chunk_rows, columns, width):
@@ -250,12 +257,13 @@ class _Run:
         summary: ScoreSummary,
         out: _Output,
         bar: tqdm,
+        outputs: Outputs,
     ) -> None:
         self.client, self.queue, self.timeout_s = client, queue, timeout_s
         self.max_in_flight = max_in_flight
         self.info = info
         self.journal, self.state, self.summary = journal, state, summary
-        self.out, self.bar = out, bar
+        self.out, self.bar, self.outputs = out, bar, outputs
         self.window: dict[int, _Pending] = {}
         """Chunks read and not yet written, by index."""
         self.in_flight: dict[str, _Pending] = {}
@@ -272,7 +280,7 @@ class _Run:
             raise _changed(self.journal.path, chunk)
         if done is not None:
             pending = _pending(chunk, digest, layout(chunk), done.predictions)
-            if pending.rows != len(done.predictions):
+            if pending.rows * self.outputs.width != len(done.predictions):
                 raise _changed(self.journal.path, chunk)
             summary.resumed += 1
             summary.models.add(done.model)
@@ -331,7 +339,7 @@ class _Run:
         while True:
             try:
                 return self.client.send(
-                    TASK_PREDICT_BATCH, kwargs, row_queue(resolve_queue(self.queue)), task_id
+                    self.outputs.task, kwargs, row_queue(resolve_queue(self.queue)), task_id
                 )
             except (QueueFull, NotReplicated) as exc:
                 # NotReplicated: the chunk may be queued already; the same id makes a second
@@ -364,11 +372,9 @@ class _Run:
 
     def _finish(self, pending: _Pending, result: dict[str, Any]) -> None:
         try:
-            predictions = _predictions(result)
+            predictions = self.outputs.values(result, pending.rows).reshape(-1)
         except (InvalidInput, KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"chunk at line {pending.first_line}: bad result: {exc}") from None
-        if predictions.shape != (pending.rows,):
-            raise InvalidInput(f"chunk at line {pending.first_line}: row count mismatch")
         model = f"{result.get('model_name')}/{result.get('model_version')}"
         self.journal.append(
             {
@@ -393,11 +399,3 @@ class _Run:
             self.out.write(*chunk_output(data, pending.text_ends, pending.predictions))
             self.bar.update(len(data))
             self.next_write += 1
-
-
-def _predictions(result: dict[str, Any]) -> NDArray[np.float32]:
-    """A batch result's predictions, float32: sent as such for rows_f32 (a worker that
-    predates it answers `predictions`, float32 values as JSON numbers)."""
-    if result.get("predictions_f32") is not None:
-        return decode_f32(result["predictions_f32"], name="predictions_f32")
-    return np.asarray(result["predictions"], dtype=np.float32).reshape(-1)

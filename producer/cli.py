@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from contract.errors import InferenceError, JournalError
-from contract.schemas import HealthReport
+from contract.schemas import ExplainResult, HealthReport
 from producer.client import Client, TaskStatus
-from producer.health import format_health
+from producer.health import format_health, format_model_info
 from producer.settings import ProducerSettings, redact
 
 
@@ -39,6 +39,39 @@ def cmd_predict(client: Client, args: argparse.Namespace) -> int:
     return _finish(client, task_id, not args.no_wait, args.timeout)
 
 
+def cmd_explain(client: Client, args: argparse.Namespace) -> int:
+    task_id = client.submit_explain([args.features], queue=args.queue)
+    if args.no_wait:
+        print(task_id)
+        return 0
+    (status,) = client.wait_any([task_id], args.timeout)
+    if status.state != "SUCCESS" or status.result is None:
+        return _print_status(status)
+    result = ExplainResult.model_validate(status.result)
+    (explanation,) = result.explanations()
+    _print_json(
+        {
+            "task_id": task_id,
+            **explanation.model_dump(),
+            **result.model_dump(include={"model_name", "model_version", "provider", "device"}),
+            "latency": result.latency.model_dump(),
+        }
+    )
+    return 0
+
+
+def cmd_model_info(client: Client, args: argparse.Namespace) -> int:
+    info = client.model_info(args.queue, refresh=True)
+    if info is None:
+        print(f"no worker of queue {args.queue!r} has published its model yet", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(info.model_dump())
+    else:
+        print(format_model_info(info))
+    return 0
+
+
 def cmd_batch(client: Client, args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.rows == "-" else Path(args.rows).read_text()
     rows = json.loads(text)
@@ -59,26 +92,31 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
 def cmd_score(client: Client, args: argparse.Namespace) -> int:
     # Bulk scoring brings pyarrow: only this command pays for importing it.
     from producer.bulk import journal_path, score_csv
+    from producer.parquet_score import is_parquet, score_parquet
 
     output = Path(args.output)
+    parquet = args.format == "parquet" or (args.format is None and is_parquet(Path(args.input)))
 
     def note(message: str) -> None:
         print(message, file=sys.stderr)
 
+    options: dict[str, Any] = {
+        "queue": args.queue,
+        "chunk_rows": args.chunk_rows,
+        "max_in_flight": args.in_flight,
+        "features": args.features.split(",") if args.features else None,
+        "timeout_s": args.timeout,
+        "restart": args.restart,
+        "explain": args.explain,
+        "log": note,
+    }
     try:
-        summary = score_csv(
-            client,
-            Path(args.input),
-            output,
-            queue=args.queue,
-            chunk_rows=args.chunk_rows,
-            max_in_flight=args.in_flight,
-            features=args.features.split(",") if args.features else None,
-            progress=not args.no_progress,
-            timeout_s=args.timeout,
-            restart=args.restart,
-            log=note,
-        )
+        if parquet:
+            summary = score_parquet(client, Path(args.input), output, **options)
+        else:
+            summary = score_csv(
+                client, Path(args.input), output, progress=not args.no_progress, **options
+            )
     except KeyboardInterrupt:
         kept = journal_path(output)
         note(
@@ -130,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_wait(p)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser(
+        "explain", help="one row's SHAP contributions: python -m producer explain 0.1 0.2 ..."
+    )
+    p.add_argument("features", nargs="+", type=float)
+    add_queue_wait(p)
+    p.set_defaults(func=cmd_explain)
+
     p = sub.add_parser("batch", help="rows from a JSON file ([[...], ...]) or - for stdin")
     p.add_argument("rows")
     add_queue_wait(p)
@@ -144,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None)
     p.set_defaults(func=cmd_wait)
 
-    p = sub.add_parser("score", help="score a CSV file: every row back, in order")
+    p = sub.add_parser(
+        "score", help="score a CSV or Parquet file: every row back, in order, resumable"
+    )
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--queue", default="cpu")
@@ -154,11 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for one chunk")
     p.add_argument(
+        "--format",
+        choices=["csv", "parquet"],
+        default=None,
+        help="of the input and the output (default: by the input's extension, .parquet/.pq)",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="also write each row's SHAP contributions (shap_<feature>) and shap_base",
+    )
+    p.add_argument(
         "--restart",
         action="store_true",
         help="discard an earlier run's journal for this output instead of resuming it",
     )
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "model-info", help="what the workers serve: version, features, metrics, importances"
+    )
+    p.add_argument("--queue", default="cpu", help="cpu, gpu, or a queue name (default cpu)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_model_info)
 
     p = sub.add_parser("health", help="the latest health report")
     p.add_argument("--json", action="store_true")

@@ -17,12 +17,21 @@ from typing import Any
 from contract.errors import NotReplicated
 from contract.names import (
     HEALTH_REPORT_KEY,
+    TASK_EXPLAIN,
     TASK_PREDICT,
     TASK_PREDICT_BATCH,
     UNACKED_KEY,
     model_info_key,
 )
-from contract.schemas import BatchRequest, ModelInfo, PredictRequest, check_shape
+from contract.schemas import (
+    BatchRequest,
+    ExplainRequest,
+    ExplainResult,
+    Explanation,
+    ModelInfo,
+    PredictRequest,
+    check_shape,
+)
 from producer.connections import redis_client
 from producer.core import (
     LIMITED_PUSH,
@@ -156,6 +165,19 @@ class Client(ClientCore):
         kwargs = {"rows_f32": rows_f32, "n_features": n_features}
         request = parse(BatchRequest, kwargs, self.model_info(queue))
         return self.send(TASK_PREDICT_BATCH, request.model_dump(exclude_none=True), queue)
+
+    def submit_explain(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
+        """An inference.explain job for `rows` (sent to the row lane); its id."""
+        request = parse(ExplainRequest, {"rows": [list(r) for r in rows]}, self.model_info(queue))
+        return self.send(TASK_EXPLAIN, request.model_dump(exclude_none=True), queue)
+
+    def explain(
+        self, rows: Sequence[Sequence[float]], queue: str = "cpu", timeout: float | None = None
+    ) -> list[Explanation]:
+        """Each row's prediction and SHAP contributions, named by feature; the job's error
+        raised (ExplainUnavailable when the workers cannot explain)."""
+        result = self.wait(self.submit_explain(rows, queue), timeout)
+        return ExplainResult.model_validate(result).explanations()
 
     # -- results ---------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import contextlib
 import csv
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -192,10 +192,10 @@ class Header:
     fields: list[str]
     data: bytes
 
-    def output(self) -> bytes:
+    def output(self, added: Sequence[str] = (PREDICTION_COLUMN,)) -> bytes:
         end = _text_end(self.data)
         tail = self.data[end:] or b"\n"
-        return self.data[:end] + f",{PREDICTION_COLUMN}".encode() + tail
+        return self.data[:end] + "".join(f",{name}" for name in added).encode() + tail
 
 
 def read_header(reader: LineReader, name: str) -> Header:
@@ -378,9 +378,10 @@ def format_predictions(predictions: NDArray[np.float32]) -> pa.Array:
 
 
 def chunk_output(data: bytes, text_ends: Lines, predictions: NDArray[np.float32]) -> list[object]:
-    """The chunk's bytes with "," and each row's prediction after its text: as buffers, to
-    be written in order. Built by pyarrow over the bytes as they are: each piece is what
-    lies between two rows' text ends, and gets its row's prediction appended."""
+    """The chunk's bytes with "," and each row's prediction (or, 2-D, each of its values)
+    after its text: as buffers, to be written in order. Built by pyarrow over the bytes as
+    they are: each piece is what lies between two rows' text ends, and gets its row's
+    values appended."""
     n = len(text_ends)
     if n == 0:
         return [data]
@@ -390,7 +391,9 @@ def chunk_output(data: bytes, text_ends: Lines, predictions: NDArray[np.float32]
     pieces = pa.Array.from_buffers(
         pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
     )
-    joined = pc.binary_join_element_wise(pieces, format_predictions(predictions), _COMMA)
+    values = predictions.reshape(n, -1)
+    texts = [format_predictions(np.ascontiguousarray(column)) for column in values.T]
+    joined = pc.binary_join_element_wise(pieces, *texts, _COMMA)
     _, joined_offsets, joined_data = joined.buffers()
     at = np.frombuffer(joined_offsets, np.int64)[joined.offset : joined.offset + n + 1]
     return [memoryview(joined_data)[int(at[0]) : int(at[-1])], data[int(text_ends[-1]) :]]

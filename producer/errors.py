@@ -4,6 +4,7 @@ They are defined once, in contract.errors; see its docstring for the tree.
 """
 
 from contract.errors import (
+    ExplainUnavailable,
     FeatureCountMismatch,
     InferenceError,
     InvalidInput,
@@ -26,6 +27,7 @@ from contract.errors import (
 )
 
 __all__ = [
+    "ExplainUnavailable",
     "FeatureCountMismatch",
     "InferenceError",
     "InvalidInput",

@@ -1,6 +1,7 @@
-"""Reading the workers' state from Redis, and the health report as text: what
-`python -m producer health`, the demo and the worker's log print. The health task
-(worker/health.py) and the queue exporter (producer/exporter.py) read the same state."""
+"""Reading the workers' state from Redis, and what they publish as text: the health report
+(`python -m producer health`, the demo, the worker's log) and the model they serve
+(`python -m producer model-info`). The health task (worker/health.py) and the queue exporter
+(producer/exporter.py) read the same state."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import redis
 from pydantic import ValidationError
 
 from contract.names import WORKER_STATE_PREFIX, priority_lists
-from contract.schemas import HealthReport, WorkerState
+from contract.schemas import HealthReport, ModelInfo, WorkerState
 
 
 def live_states(
@@ -58,4 +59,32 @@ def format_health(report: HealthReport) -> str:
         )
     if not report.workers:
         lines.append("  no live workers")
+    return "\n".join(lines)
+
+
+def format_model_info(info: ModelInfo) -> str:
+    """What `python -m producer model-info` prints."""
+    lines = [
+        f"model {info.name} version {info.version}",
+        f"features ({info.n_features}): {', '.join(info.feature_names)}"
+        + (f"; target {info.target}" if info.target else ""),
+        f"max rows per job: {info.max_batch_rows}",
+    ]
+    if info.metrics:
+        lines.append(
+            "metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(info.metrics.items()))
+        )
+    lines.append(
+        "explanations: "
+        + ("not served" if info.base_value is None else f"base value {info.base_value:.6g}")
+    )
+    if info.importances:
+        kinds = sorted(info.importances)
+        key = "mean_abs_shap" if "mean_abs_shap" in kinds else kinds[0]
+        width = max(len(f) for f in info.feature_names)
+        lines.append("importances (most important first, by " + key + "):")
+        lines.append("  " + " " * width + "".join(f"{k:>25}" for k in kinds))
+        for name in sorted(info.feature_names, key=lambda f: -info.importances[key].get(f, 0.0)):
+            cells = "".join(f"{info.importances[k].get(name, float('nan')):>25.4g}" for k in kinds)
+            lines.append(f"  {name:>{width}}{cells}")
     return "\n".join(lines)

@@ -105,7 +105,9 @@ def _apply(state: JournalState, record: dict[str, Any], number: int) -> None:
         if "done" in record:
             index = int(record["done"])
             predictions = decode_predictions(record["predictions"])
-            if len(predictions) != int(record["rows"]):
+            rows = int(record["rows"])
+            # With --explain, each row has several values, flattened row by row.
+            if len(predictions) % rows if rows else len(predictions):
                 raise ValueError("row count")
             state.done[index] = Done(str(record["digest"]), predictions, str(record["model"]))
             state.sent.pop(index, None)

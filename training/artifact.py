@@ -2,6 +2,7 @@
 
     <model_dir>/<name>/<version>/model.onnx        ai.onnx.ml graph (CPU)
     <model_dir>/<name>/<version>/model_gemm.onnx   same forest in standard tensor ops (GPU)
+    <model_dir>/<name>/<version>/explain.onnx      exact TreeSHAP in standard tensor ops
     <model_dir>/<name>/<version>/manifest.json
     <model_dir>/<name>/CURRENT                     text: the version served by default
 
@@ -24,7 +25,13 @@ CURRENT_FILE = "CURRENT"
 # Written beside the manifest by `python -m training` after publishing: what the model costs
 # against scikit-learn, measured on the training machine. Not part of the artifact's checks.
 BENCHMARK_FILE = "benchmark.json"
-Variant = Literal["cpu", "gpu"]
+Variant = Literal["cpu", "gpu", "explain"]
+
+# explain.onnx (training.explain) takes the manifest's input_name and returns
+# CONTRIBUTIONS_NAME: float64 [batch, n_features], the base value not included.
+CONTRIBUTIONS_NAME = "contributions"
+EXPLAIN_BATCH_ROWS = 16
+"""Rows per explain.onnx call: its intermediates take ~5 MB a row for the default model."""
 
 
 class ModelFile(BaseModel):
@@ -46,10 +53,17 @@ class Manifest(BaseModel):
     input_name: str
     output_name: str
     files: dict[str, ModelFile]
-    """Model files by variant: "cpu" (always) and "gpu" (tensor-op graph), when built."""
+    """Model files by variant: "cpu" (always), "gpu" (tensor-op graph) and "explain"
+    (SHAP contributions, training.explain), when built."""
     metrics: dict[str, float]
     library_versions: dict[str, str]
     params: dict[str, Any]
+    base_value: float | None = None
+    """The explanation's base value (the forest's expected value over its training covers):
+    prediction = base_value + sum of the contributions. None without an "explain" file."""
+    importances: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Per kind ("impurity", "permutation_r2_drop", "permutation_r2_drop_std",
+    "mean_abs_shap"), a value per feature name."""
 
 
 def sha256_of(path: Path) -> str:

@@ -104,13 +104,13 @@ def run_benchmark(
     try:
         forest.set_params(n_jobs=1)
         results["scikit-learn"] = measure(pipeline.predict, X_batch)
-        for variant in sorted(manifest.files):
-            path = verified_model_path(version_dir, manifest, cast(Variant, variant))
+        for variant in _prediction_variants(manifest):
+            path = verified_model_path(version_dir, manifest, variant)
             results[f"onnxruntime {path.name}"] = measure(ort_predictor(path, threads=1), X_batch)
         forest.set_params(n_jobs=-1)
         all_cores = {"scikit-learn": batch_throughput(pipeline.predict, X_batch)}
-        for variant in sorted(manifest.files):
-            path = verified_model_path(version_dir, manifest, cast(Variant, variant))
+        for variant in _prediction_variants(manifest):
+            path = verified_model_path(version_dir, manifest, variant)
             all_cores[path.name] = batch_throughput(ort_predictor(path, threads=0), X_batch)
     finally:
         forest.set_params(n_jobs=fit_jobs)
@@ -215,3 +215,8 @@ def _seconds(predict: Predict, X: NDArray[np.float64]) -> float:
     start = time.perf_counter()
     predict(X)
     return time.perf_counter() - start
+
+
+def _prediction_variants(manifest: Manifest) -> list[Variant]:
+    """The model files that predict (explain.onnx has its own benchmark: stack.bench explain)."""
+    return [cast(Variant, v) for v in sorted(manifest.files) if v in ("cpu", "gpu")]

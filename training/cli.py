@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: %(default)s",
     )
     model.add_argument("--no-gpu-model", action="store_true", help="do not build model_gemm.onnx")
+    model.add_argument(
+        "--no-explain-model",
+        action="store_true",
+        help="do not build explain.onnx (SHAP) nor compute the importances",
+    )
     model.add_argument("--n-jobs", type=int, default=-1, help="cores used to fit (default: all)")
     run = parser.add_argument_group("run")
     run.add_argument(
@@ -138,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_depth=args.max_depth,
             min_samples_leaf=args.min_samples_leaf,
             gpu_model=not args.no_gpu_model,
+            explain_model=not args.no_explain_model,
             n_jobs=args.n_jobs,
         )
     except ValidationError as exc:
@@ -167,16 +173,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = manifest.metrics
     print(f"version {manifest.version}: R2 {metrics['r2']:.4f}, MAE {metrics['mae']:.4f}")
     for variant, entry in sorted(manifest.files.items()):
-        diff = metrics.get(f"max_abs_diff_{variant}", float("nan"))
+        diff = metrics.get(
+            f"max_abs_diff_{variant}", metrics.get(f"max_abs_additivity_{variant}", float("nan"))
+        )
         print(
             f"  {variant}: {entry.path} {entry.size_bytes / 1e6:.2f} MB, "
             f"max |ONNX - sklearn| {diff:.2g}, sha256 {entry.sha256[:12]}"
         )
+    if manifest.base_value is not None:
+        print(f"  explanations: base value {manifest.base_value:.6g}")
+    for line in importance_lines(manifest.feature_names, manifest.importances):
+        print(line)
     if not args.no_benchmark:
         from training.bench import record_goals
 
         record_goals(config, outcome)
     return 0
+
+
+def importance_lines(features: list[str], importances: dict[str, dict[str, float]]) -> list[str]:
+    """The importances as a table, one line per feature, most important (mean |SHAP|) first."""
+    if not importances:
+        return []
+    kinds = sorted(importances)
+    key = "mean_abs_shap" if "mean_abs_shap" in importances else kinds[0]
+    ordered = sorted(features, key=lambda f: -importances[key].get(f, 0.0))
+    lines = ["  importances: " + "  ".join(f"{k:>24}" for k in kinds)]
+    for feature in ordered:
+        cells = "  ".join(f"{importances[k].get(feature, float('nan')):>24.4g}" for k in kinds)
+        lines.append(f"  {feature:>11}: {cells}")
+    return lines
 
 
 def _describe(error: object) -> str:

@@ -41,6 +41,10 @@ class TrainConfig(BaseModel):
     min_samples_leaf: int = Field(default=DEFAULT_MIN_SAMPLES_LEAF, ge=1)
     gpu_model: bool = True
     """Also build, check and publish model_gemm.onnx."""
+    explain_model: bool = True
+    """Also build, check and publish explain.onnx (SHAP contributions) and the importances."""
+    permutation_repeats: int = Field(default=5, ge=1)
+    """Shuffles of each feature for the permutation importance."""
     n_jobs: int = -1
     """Cores scikit-learn uses to fit; -1 means all."""
 

@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from contract.errors import ProviderUnavailable
 from training.artifact import Manifest, Variant, load_manifest, verified_model_path
+from worker.explainer import Explainer
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ class LoadedModel:
     """Seconds the load took: checks, placement probe and session creation."""
     warmup_s: float = 0.0
     """Seconds the warm-up runs took."""
+    explainer: Explainer | None = None
+    """explain.onnx's session, when the model has one and the worker explains."""
+    explain_refused: str | None = None
+    """Why a model with explain.onnx is served without it (its placement failed on CUDA)."""
 
     @property
     def n_features(self) -> int:
@@ -125,21 +130,18 @@ def node_placement(
     return dict(counts)
 
 
-def load_model(settings: WorkerSettings) -> LoadedModel:
-    """Verify, load, check placement and warm up the model for this process."""
-    began = time.perf_counter()
-    provider = check_provider(settings)
-    manifest, path, variant = resolve_artifact(settings, provider)
-    rng = np.random.default_rng(0)
-    sample = rng.standard_normal((64, manifest.n_features)).astype(np.float32)
-
+def _checked_session(
+    settings: WorkerSettings, provider: str, path: Path, sample: np.ndarray, input_name: str
+) -> tuple[ort.InferenceSession, dict[str, int]]:
+    """A session on `provider` for the model file at `path`, and its node placement;
+    ProviderUnavailable when a CUDA session would run any node elsewhere."""
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as profile_dir:
         probe = ort.InferenceSession(
             str(path),
             _session_options(settings, profile_dir),
             providers=_providers(settings, provider),
         )
-        placement = node_placement(probe, sample, manifest.input_name)
+        placement = node_placement(probe, sample, input_name)
         del probe
     off_provider = {p: n for p, n in placement.items() if p != provider}
     if provider == CUDA and off_provider:
@@ -154,8 +156,43 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
     actual = session.get_providers()[0]
     if actual != provider:
         raise ProviderUnavailable(f"onnxruntime created the session on {actual}, not {provider}")
+    return session, placement
+
+
+def _load_explainer(
+    settings: WorkerSettings, provider: str, manifest: Manifest, sample: np.ndarray
+) -> Explainer | None:
+    if not settings.explain or "explain" not in manifest.files or manifest.base_value is None:
+        return None
+    version_dir, _ = load_manifest(settings.model_dir, settings.model_name, manifest.version)
+    path = verified_model_path(version_dir, manifest, "explain")
+    session, placement = _checked_session(settings, provider, path, sample[:4], manifest.input_name)
+    explainer = Explainer(
+        session, manifest.input_name, manifest.base_value, manifest.feature_names, placement
+    )
+    explainer.explain(sample[:1])
+    log.info("explanations from %s, placement %s", path, placement)
+    return explainer
+
+
+def load_model(settings: WorkerSettings) -> LoadedModel:
+    """Verify, load, check placement and warm up the model (and its explainer) for this
+    process."""
+    began = time.perf_counter()
+    provider = check_provider(settings)
+    manifest, path, variant = resolve_artifact(settings, provider)
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((64, manifest.n_features)).astype(np.float32)
+    session, placement = _checked_session(settings, provider, path, sample, manifest.input_name)
     device = f"cuda:{settings.cuda_device_id}" if provider == CUDA else "cpu"
     model = LoadedModel(manifest, session, provider, device, variant, placement)
+    try:
+        model.explainer = _load_explainer(settings, provider, manifest, sample)
+    except ProviderUnavailable as exc:
+        # Predictions are what a GPU worker is for: it keeps serving them, and each explain
+        # job fails with this reason instead of running on the CPU under a GPU label.
+        log.error("serving without explanations: %s", exc)
+        model.explain_refused = f"explanations are off on this worker: {exc}"
     loaded = time.perf_counter()
     model.load_s = loaded - began
 

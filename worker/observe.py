@@ -21,7 +21,7 @@ from celery.signals import task_failure, task_postrun, task_prerun, task_revoked
 
 from contract.errors import MessageTooLarge
 from contract.metrics import FAILURE, OTHER_TASK, REFUSED, REVOKED, SUCCESS
-from contract.names import HEADER_ENQUEUED_AT, TASK_PREDICT, TASK_PREDICT_BATCH
+from contract.names import HEADER_ENQUEUED_AT, TASK_EXPLAIN, TASK_PREDICT, TASK_PREDICT_BATCH
 from worker import metrics
 from worker.events import EventsSwitch, LaneEvents
 from worker.service import Started, queue_wait_ms
@@ -58,7 +58,7 @@ def rows_of(task: str, result: dict[str, Any] | None) -> int:
     its rows were never read)."""
     if task == TASK_PREDICT:
         return 1
-    if task == TASK_PREDICT_BATCH and isinstance(result, dict):
+    if task in (TASK_PREDICT_BATCH, TASK_EXPLAIN) and isinstance(result, dict):
         return int(result.get("rows") or 0)
     return 0
 

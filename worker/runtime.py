@@ -70,6 +70,10 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
         n_features=model.manifest.n_features,
         feature_names=model.manifest.feature_names,
         max_batch_rows=settings.max_batch_rows,
+        target=model.manifest.target,
+        metrics=model.manifest.metrics,
+        importances=model.manifest.importances,
+        base_value=None if model.explainer is None else model.explainer.base_value,
     )
     for queue in queues:
         client.set(model_info_key(queue), info.model_dump_json())

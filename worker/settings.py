@@ -106,6 +106,12 @@ class WorkerSettings(ConnectionSettings):
     row_batch_max) once it has one. 0 takes what is queued: batches still grow with load,
     because jobs queue up while the previous batch runs, and a lone job never waits."""
 
+    explain: bool = True
+    """Load the model's explain.onnx, when it has one, and serve inference.explain. Off
+    saves its memory (for the default model, ~120 MB a process: ~43 MB once loaded, the
+    rest onnxruntime's working memory once it has explained); explain jobs then fail with
+    ExplainUnavailable."""
+
     warmup_runs: int = Field(default=20, ge=0)
     """Inference runs made at process start, before the first job is taken."""
 

@@ -15,6 +15,7 @@ from celery import Task, shared_task
 from contract.errors import MessageTooLarge, ModelNotReady, PermanentError, TransientError
 from contract.names import (
     HEADER_ENQUEUED_AT,
+    TASK_EXPLAIN,
     TASK_HEALTH,
     TASK_NOOP,
     TASK_PREDICT,
@@ -73,6 +74,11 @@ def predict(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 )
 def predict_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return service.predict_batch(_runtime_for(self), _job(self, args, kwargs))
+
+
+@shared_task(name=TASK_EXPLAIN, bind=True, track_started=True, Strategy=CHECKED_STRATEGY, **_POLICY)
+def explain(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return service.explain(_runtime_for(self), _job(self, args, kwargs))
 
 
 @shared_task(name=TASK_HEALTH, bind=True, base=Task, ignore_result=True, Strategy=CHECKED_STRATEGY)

@@ -14,6 +14,8 @@ private redis-server and a CPU worker it starts itself (training a model first i
    accounted for and predictions spot-checked against the model run in this process;
 5. the same model in this process with onnxruntime: the limit the queue can approach.
 
+`python -m stack.bench explain` measures SHAP explanations instead (stack.bench.explain).
+
 It prints a table and the goal ratios (P1-P5; P4 from the model's benchmark.json) and
 writes everything as JSON. Nothing here judges absolute speed: on a shared machine only
 ratios from one run compare.
@@ -382,6 +384,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["explain"]:
+        from stack.bench.explain import main as explain_main
+
+        return explain_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m stack.bench",
         description=__doc__,

@@ -384,7 +384,8 @@ def test_the_cli_keeps_the_journal_when_interrupted(
     client.wait_any = interrupt
     args = argparse.Namespace(
         input=str(src), output=str(dst), queue="cpu", chunk_rows=None, in_flight=None,
-        features="a,b", no_progress=True, timeout=None, restart=False,
+        features="a,b", no_progress=True, timeout=None, restart=False, explain=False,
+        format=None,
     )  # fmt: skip
     assert cmd_score(client, args) == 130
     assert "the same command resumes" in capsys.readouterr().err

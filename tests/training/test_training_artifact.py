@@ -32,6 +32,7 @@ def test_layout_and_current(trained: TrainOutcome) -> None:
     name_dir = model_dir / trained.manifest.name
     assert version_dir.parent == name_dir
     assert sorted(p.name for p in version_dir.iterdir()) == [
+        "explain.onnx",
         MANIFEST_FILE,
         "model.onnx",
         "model_gemm.onnx",
@@ -60,7 +61,7 @@ def test_manifest_fields(trained: TrainOutcome) -> None:
     assert manifest.n_features == 5
     assert manifest.target == "y"
     assert (manifest.input_name, manifest.output_name) == ("features", "prediction")
-    assert set(manifest.files) == {"cpu", "gpu"}
+    assert set(manifest.files) == {"cpu", "gpu", "explain"}
     assert manifest.files["cpu"].path == "model.onnx"
     assert manifest.files["gpu"].path == "model_gemm.onnx"
     assert manifest.files["cpu"].opset.get("ai.onnx.ml", 0) >= 1
@@ -114,7 +115,7 @@ def copied(trained: TrainOutcome, tmp_path: Path) -> Path:
     return tmp_path / "models"
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+@pytest.mark.parametrize("variant", ["cpu", "gpu", "explain"])
 def test_flipped_byte_is_refused(copied: Path, trained: TrainOutcome, variant: str) -> None:
     version_dir, manifest = load_manifest(copied, trained.manifest.name)
     path = version_dir / manifest.files[variant].path

@@ -39,17 +39,28 @@ def test_cli_trains_and_publishes_end_to_end(tmp_path: Path) -> None:
     for variant in ("cpu", "gpu"):
         verified_model_path(version_dir, manifest, variant)
         assert manifest.metrics[f"max_abs_diff_{variant}"] <= 1e-4
+    verified_model_path(version_dir, manifest, "explain")
+    assert manifest.base_value is not None
+    assert f"explanations: base value {manifest.base_value:.6g}" in result.stdout
+    # One importance line per feature, each with its four kinds.
+    lines = [line.split() for line in result.stdout.splitlines()]
+    for name in manifest.feature_names:
+        (row,) = [cells for cells in lines if cells[:1] == [f"{name}:"]]
+        assert len(row) == 5
 
 
 def test_cli_unpruned_without_gpu_model(tmp_path: Path) -> None:
     model_dir = tmp_path / "models"
     result = run_cli(
         "--model-dir", str(model_dir), "--name", "tiny", "--n-samples", "300",
-        "--n-estimators", "3", "--max-depth", "none", "--no-gpu-model", "--no-benchmark",
+        "--n-estimators", "3", "--max-depth", "none", "--no-gpu-model", "--no-explain-model",
+        "--no-benchmark",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     version_dir, manifest = load_manifest(model_dir, "tiny")
     assert set(manifest.files) == {"cpu"}
+    assert manifest.base_value is None and manifest.importances == {}
+    assert "importances" not in result.stdout
     assert not (version_dir / "model_gemm.onnx").exists()
     assert manifest.params["max_depth"] is None and manifest.params["n_estimators"] == 3
 

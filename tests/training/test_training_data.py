@@ -116,7 +116,10 @@ def test_training_on_csv_publishes_its_features(tmp_path: Path, ort_predict) -> 
     assert manifest.params["dropped_rows"] == 2
     assert manifest.params["ignored_columns"] == ["city"]
     assert (tmp_path / "models" / "prices" / "CURRENT").read_text().strip() == manifest.version
-    for entry in manifest.files.values():
+    assert set(manifest.files) == {"cpu", "gpu", "explain"}
+    assert list(manifest.importances["mean_abs_shap"]) == ["a", "b", "c"]
+    for variant in ("cpu", "gpu"):
+        entry = manifest.files[variant]
         predicted = ort_predict(outcome.version_dir / entry.path, outcome.X_test)
         expected = outcome.pipeline.predict(outcome.X_test)
         assert np.abs(predicted - expected).max() <= 1e-4

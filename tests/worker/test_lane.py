@@ -21,6 +21,7 @@ from kombu import Connection
 from contract.envelope import read_task_message, task_message
 from contract.errors import FeatureCountMismatch, InvalidInput
 from contract.names import (
+    TASK_EXPLAIN,
     TASK_NOOP,
     TASK_PREDICT,
     TASK_PREDICT_BATCH,
@@ -28,7 +29,14 @@ from contract.names import (
     UNACKED_KEY,
     result_key,
 )
-from contract.schemas import BatchResult, PredictResult, WorkerState, decode_f32, encode_f32
+from contract.schemas import (
+    BatchResult,
+    ExplainResult,
+    PredictResult,
+    WorkerState,
+    decode_f32,
+    encode_f32,
+)
 from tests.support import TrainedModel
 from worker import service
 from worker.lane import transport
@@ -206,7 +214,7 @@ def test_a_batch_serves_good_jobs_and_fails_bad_ones_each_with_its_own_result(
         assert 0 < client.ttl(result_key(task_id)) <= lane.transport.result_ttl
     assert meta(client, short)["result"]["exc_type"] == "FeatureCountMismatch"  # type: ignore[index]
     assert meta(client, nan)["result"]["exc_type"] == "InvalidInput"  # type: ignore[index]
-    assert "inference.predict_batch jobs only" in str(meta(client, other)["result"])
+    assert "inference.explain jobs only" in str(meta(client, other)["result"])
     # A batch job on the lane is served on its own, by the same code as Celery's path.
     served = BatchResult.model_validate(meta(client, batch)["result"])
     assert served.rows == 3 and served.predictions is not None
@@ -423,3 +431,37 @@ def test_a_stored_success_is_never_overwritten_by_a_job_reusing_its_id(
     client.lpush(QUEUE, fixed)
     lane.serve(lane.take())
     assert meta(client, failed_id)["status"] == "SUCCESS"
+
+
+def test_explain_jobs_taken_together_are_explained_in_one_pass(
+    client: redis.Redis,
+    lanes: Callable[..., RowLane],
+    trained_model: TrainedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lane = lanes()
+    rows = trained_model.X_test[:4]
+    good = [push(client, {"rows": [r.tolist()]}, TASK_EXPLAIN) for r in rows[:3]]
+    bad = push(client, {"rows": [[1.0]]}, TASK_EXPLAIN)
+    pair = push(client, {"rows": rows[2:4].tolist()}, TASK_EXPLAIN)
+    single = push(client, {"features": FIVE})
+    passes: list[int] = []
+    explain_many = service.explain_many
+
+    def spy(rt: Any, jobs: list[service.Job]) -> list[Any]:
+        passes.append(len(jobs))
+        return explain_many(rt, jobs)
+
+    monkeypatch.setattr(service, "explain_many", spy)
+    lane.serve(lane.take())
+    assert passes == [5]
+    assert meta(client, single)["status"] == "SUCCESS"
+    explained = [ExplainResult.model_validate(meta(client, t)["result"]) for t in good]
+    together = ExplainResult.model_validate(meta(client, pair)["result"])
+    assert together.contributions[0] == explained[2].contributions[0]
+    assert [e.rows for e in explained] == [1, 1, 1] and together.rows == 2
+    served = trained_model.reference(rows)
+    assert [e.predictions[0] for e in explained] == pytest.approx(served[:3], abs=1e-6)
+    assert meta(client, bad)["status"] == "FAILURE"
+    assert "FeatureCountMismatch" in str(meta(client, bad)["result"])
+    assert client.hlen(UNACKED_KEY) == 0
