@@ -32,6 +32,20 @@ JOBS = int(os.environ.get("INFERENCE_TEST_SENTINEL_JOBS", "2000"))
 SCORE_ROWS = int(os.environ.get("INFERENCE_TEST_SENTINEL_ROWS", "20000"))
 
 
+def finished(settings: ProducerSettings, ids: list[str], within_s: float) -> set[str]:
+    """The ids among `ids` with a result, once all have one or `within_s` has passed."""
+    done: set[str] = set()
+    deadline = time.monotonic() + within_s
+    with Client(settings) as client:
+        while len(done) < len(ids) and time.monotonic() < deadline:
+            waiting = [t for t in ids if t not in done]
+            for at in range(0, len(waiting), 1_000):
+                chunk = client.statuses(waiting[at : at + 1_000])
+                done.update(s.task_id for s in chunk if s.ready)
+            time.sleep(0.5)
+    return done
+
+
 def run_failover(trained: TrainedModel, tmp: Path, replicas: int) -> dict[str, float]:
     rows = np.tile(trained.X_test, (SCORE_ROWS // len(trained.X_test) + 1, 1))[:SCORE_ROWS]
     header = ",".join(trained.manifest.feature_names)
@@ -94,15 +108,11 @@ def run_failover(trained: TrainedModel, tmp: Path, replicas: int) -> dict[str, f
             cluster.restart_old_primary()  # back as a replica of the new primary
             for thread in threads:
                 thread.join(120)
-            with Client(settings) as client:
-                ids = [task_id for task_id, _ in sent]
-                done = {s.task_id: s for s in client.iter_finished(ids, timeout=60)} if ids else {}
-        except TimeoutError:
-            done = {}
+            done = finished(settings, [task_id for task_id, _ in sent], within_s=60)
         finally:
             worker.stop()
     lost = [task_id for task_id, _ in sent if task_id not in done]
-    after = [done[task_id] for task_id, at in sent if at > kill_at[0] and task_id in done]
+    after = [task_id for task_id, at in sent if at > kill_at[0] and task_id in done]
     resumed_s = min((at for _, at in sent if at > kill_at[0]), default=float("nan")) - kill_at[0]
     scored = dst.exists() and len(dst.read_text().splitlines()) == SCORE_ROWS + 1
     figures = {

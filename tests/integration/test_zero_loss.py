@@ -1,8 +1,8 @@
 """Nothing lost with any client: a stock Celery client (`send_task` by name), default settings.
 
-Each run: 3,000 single-row jobs queued for two workers, the whole of worker A (main process
-and pool) SIGKILLed once a third have results, while it holds jobs in hand, worker B left to
-finish. Every job must
+Each run: 3,000 single-row jobs queued for two workers at once, the whole of worker A (main
+process and pool) SIGKILLed once a third have been taken, while it holds jobs in hand, worker B
+left to finish. Every job must
 have its result within 60 s of the kill, on Celery's own queue as on the row lane. Result
 writes are counted from Redis' keyspace notifications, so a job run twice shows as such.
 """
@@ -98,21 +98,24 @@ def test_sigkill_of_a_whole_worker_loses_no_stock_client_job(
     counter = WriteCounter(server.url)
     rows = np.tile(trained_model.X_test, (JOBS // len(trained_model.X_test) + 1, 1))[:JOBS]
     ids = [str(uuid.uuid4()) for _ in range(JOBS)]
-    # All queued first: the workers then drain a backlog, so A always has jobs in hand.
-    for task_id, row in zip(ids, rows, strict=True):
-        sender.send_task(
-            TASK_PREDICT, kwargs={"features": row.tolist()}, queue=target, task_id=task_id
-        )
-    # A first, so that it is draining the backlog (jobs in hand) when it is killed; B starts
-    # beside it and finishes the work.
     a = start(env, tmp_path, queue, a_name, 2)
-    b = worker_process(env, tmp_path / f"{b_name}.log", queue=queue, name=b_name, concurrency=1)
+    b = start(env, tmp_path, queue, b_name, 1)
     try:
-        wait_ready(a, probe, a_name, 1)
-        b.start()
-        while len(results(probe, ids)) < JOBS // 3:
+        wait_ready(a, probe, a_name, 2)
+        wait_ready(b, probe, b_name, 1)
+        # Both workers paused while the jobs are queued, then let go together: they drain one
+        # backlog, so A has jobs in hand (taken, not yet acknowledged) when it is killed.
+        for worker in (a, b):
+            os.killpg(worker.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        for task_id, row in zip(ids, rows, strict=True):
+            sender.send_task(
+                TASK_PREDICT, kwargs={"features": row.tolist()}, queue=target, task_id=task_id
+            )
+        for worker in (a, b):
+            os.killpg(worker.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        while probe.llen(target) > JOBS * 2 // 3:
             assert a.running and b.running
-            time.sleep(0.05)
+            time.sleep(0.002)
         os.killpg(a.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
         killed_at = time.monotonic()
         done = results(probe, ids)
