@@ -1,7 +1,7 @@
 """The queue exporter, `python -m producer metrics --port N`: what no single worker can
 see, from one place, for Prometheus to scrape (and queue-length autoscalers to act on).
 
-At each scrape, from Redis (three round trips, whatever the number of queues):
+At each scrape, from Redis (a handful of round trips, whatever the number of queues):
 - inference_queue_depth{queue}: jobs waiting, every priority list of the queue summed.
 - inference_queue_oldest_age_seconds{queue}: now minus the enqueued_at header
   (contract.names.HEADER_ENQUEUED_AT, set by this project's clients) of the oldest job
