@@ -103,12 +103,13 @@ class SentinelCluster:
         except redis.RedisError:
             return False
 
-    def master_port(self) -> int:
-        """The port of the server the sentinels now name as primary."""
-        sentinel = redis.Redis(port=self.sentinel_ports[0])
-        address: Any = sentinel.sentinel_get_master_addr_by_name(MASTER)
-        _, port = address
-        return int(port)
+    def master_ports(self) -> list[int]:
+        """The port each sentinel now names as the primary."""
+        ports = []
+        for port in self.sentinel_ports:
+            address: Any = redis.Redis(port=port).sentinel_get_master_addr_by_name(MASTER)
+            ports.append(int(address[1]))
+        return ports
 
     def kill_primary(self) -> None:
         """SIGKILL the primary, as a crash of its machine would."""
@@ -116,13 +117,16 @@ class SentinelCluster:
 
     def restart_old_primary(self) -> None:
         """Start the killed primary again, on its port and data: the sentinels make it a
-        replica of the new primary, as when a crashed machine comes back."""
+        replica of the new primary, as when a crashed machine comes back. It answers as a
+        primary until they do (about 10 s): started before every sentinel has learned of the
+        failover, it would be named primary by a lagging one, and take writes that its
+        demotion then discards."""
         self.primary.start()
 
     def wait_failover(self, timeout_s: float = 30.0) -> float:
-        """Seconds until the sentinels name the replica as primary."""
+        """Seconds until every sentinel names the replica as primary."""
         start = time.monotonic()
-        while self.master_port() != self.replica.port:
+        while set(self.master_ports()) != {self.replica.port}:
             if time.monotonic() - start > timeout_s:
                 raise RuntimeError(f"no failover within {timeout_s}s")
             time.sleep(0.05)

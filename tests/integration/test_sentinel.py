@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from contract.errors import InferenceError
-from contract.names import TASK_PREDICT
+from contract.names import TASK_PREDICT, UNACKED_KEY
 from producer.bulk import PREDICTION_COLUMN, score_csv
 from producer.client import Client
 from producer.settings import ProducerSettings
@@ -109,6 +109,9 @@ def run_failover(trained: TrainedModel, tmp: Path, replicas: int) -> dict[str, f
             for thread in threads:
                 thread.join(120)
             done = finished(settings, [task_id for task_id, _ in sent], within_s=60)
+            with Client(settings) as client:  # where the jobs without a result are
+                queued = int(client.broker.llen("inference.cpu.rows"))
+                held = int(client.broker.hlen(UNACKED_KEY))
         finally:
             worker.stop()
     lost = [task_id for task_id, _ in sent if task_id not in done]
@@ -118,7 +121,7 @@ def run_failover(trained: TrainedModel, tmp: Path, replicas: int) -> dict[str, f
     figures = {
         "sent": len(sent), "lost": len(lost), "failover_s": failover_s,
         "first_send_after_kill_s": resumed_s, "served_after_kill": len(after),
-        "scored": float(scored),
+        "scored": float(scored), "queued_at_end": queued, "held_at_end": held,
     }  # fmt: skip
     print(f"\nreplica wait {replicas}: {figures}; score errors {errors}")
     assert not errors, errors
