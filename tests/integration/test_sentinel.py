@@ -124,9 +124,12 @@ def run_failover(trained: TrainedModel, tmp: Path, replicas: int) -> dict[str, f
         "scored": float(scored), "queued_at_end": queued, "held_at_end": held,
     }  # fmt: skip
     print(f"\nreplica wait {replicas}: {figures}; score errors {errors}")
-    assert not errors, errors
-    assert scored and dst.read_text().splitlines()[0] == f"{header},{PREDICTION_COLUMN}"
     assert len(sent) == JOBS and after, "service did not resume after the failover"
+    if replicas:
+        # Every job and chunk was on a replica before its send returned: nothing is lost,
+        # and the file is scored whole.
+        assert not errors, errors
+        assert scored and dst.read_text().splitlines()[0] == f"{header},{PREDICTION_COLUMN}"
     return figures
 
 
@@ -140,6 +143,7 @@ def test_with_replica_waits_a_failover_loses_no_job(
 def test_without_replica_waits_service_follows_the_new_primary(
     trained_model: TrainedModel, tmp_path: Path
 ) -> None:
-    """Redis replicates asynchronously: what the primary had not passed on is lost. Printed,
-    not asserted: it depends on the instant of the kill."""
+    """Redis replicates asynchronously: what the primary had not passed on (jobs, a chunk of
+    the file, whose `score` then times out) is lost. Printed, not asserted: it depends on the
+    instant of the kill. Jobs sent after the failover are served."""
     run_failover(trained_model, tmp_path, replicas=0)
