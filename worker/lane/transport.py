@@ -73,7 +73,11 @@ class RowTransport:
     def __init__(self, settings: WorkerSettings, queue: str) -> None:
         self.queue = queue
         self.result_ttl = settings.result_ttl_s
-        self.broker = redis_client(settings.broker, settings)
+        # No retries hidden inside redis-py: a take whose reply is lost with its connection
+        # has run (its messages are held), and a silent resend would take others under the
+        # same holder, leaving the first ones held by a live process. Every error reaches
+        # the lane instead, which takes under a new holder from then on (renew_holder).
+        self.broker = redis_client(settings.broker, settings, retries=0)
         self.backend = redis_client(settings.backend, settings)
         self._lists = priority_lists(queue)
         self.result_replicas = settings.result_replicas
