@@ -153,6 +153,11 @@ def demo_jobs(
             f"latency {batch['latency']}"
         )
 
+        say("why: exact SHAP contributions of one row (inference.explain)")
+        (why,) = client.explain([rng.uniform(0, 1, size=info.n_features).round(3).tolist()])
+        parts = ", ".join(f"{name} {value:+.3f}" for name, value in why.contributions.items())
+        print(f"  {why.prediction:.4f} = base {why.base_value:.4f} + ({parts})")
+
         say("bad input sent straight to the queue: a clear, typed error; the worker keeps serving")
         bad_id = client.send(TASK_PREDICT, {"features": [1.0, "two"]})
         (status,) = client.wait_any([bad_id])
