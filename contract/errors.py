@@ -2,8 +2,9 @@
 
     InferenceError
     ├── PermanentError            the job cannot succeed as sent: never retried
-    │   └── InvalidInput          ├── FeatureCountMismatch, TooManyRows, MessageTooLarge
-    │                             └── MessageRefused (not a task message; never on the wire)
+    │   ├── InvalidInput          ├── FeatureCountMismatch, TooManyRows, MessageTooLarge
+    │   │                         └── MessageRefused (not a task message; never on the wire)
+    │   └── UnknownModelVersion   the job pinned a version the worker cannot serve
     ├── TransientError            the same job may succeed later: retried
     │   ├── ModelNotReady, PredictionFailed
     │   └── RedisUnreachable, QueueFull
@@ -12,7 +13,7 @@
     │   └── ModelArtifactError, ProviderUnavailable, RedisAuthFailed, RedisTlsFailed
     ├── JournalError              a scoring run cannot resume from its journal
     ├── TrainingError             a training run refuses to publish
-    │   └── DataError, ConversionMismatch
+    │   └── DataError, ConversionMismatch, RegistryError
     └── ToolError                 the demo or the benchmark cannot run here
         └── RedisServerExited, TlsUnsupported, BenchError
 
@@ -73,6 +74,10 @@ class TooManyRows(InvalidInput):
 
 class MessageTooLarge(InvalidInput):
     """The message body (decompressed) exceeds the worker's INFERENCE_MAX_MESSAGE_BYTES."""
+
+
+class UnknownModelVersion(PermanentError):
+    """The job pinned a version (or alias) that this worker cannot serve."""
 
 
 class MessageRefused(InvalidInput):
@@ -149,6 +154,11 @@ class TrainingError(InferenceError):
 
 class DataError(TrainingError):
     """The training data cannot be used as given (missing column, no numeric features...)."""
+
+
+class RegistryError(TrainingError):
+    """The model registry, or a promote / rollback, refuses: the version is unknown, broken,
+    or does not fit what is served."""
 
 
 class ConversionMismatch(TrainingError):

@@ -22,6 +22,7 @@ from contract.errors import (
     TaskFailed,
     TooManyRows,
     TransientError,
+    UnknownModelVersion,
 )
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "TaskFailed",
     "TooManyRows",
     "TransientError",
+    "UnknownModelVersion",
 ]

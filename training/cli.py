@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import redis
 from pydantic import ValidationError
 
-from contract.errors import DataError, TrainingError
+from contract.errors import DataError, InferenceError, TrainingError
+
+if TYPE_CHECKING:
+    from training.train import TrainOutcome
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -98,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-benchmark", action="store_true", help="skip the latency/throughput printout"
     )
     run.add_argument(
+        "--register",
+        action="store_true",
+        help="log the run and register the version in the model registry (MLflow); "
+        "implied by MLFLOW_TRACKING_URI",
+    )
+    run.add_argument(
+        "--promote-if-better",
+        action="store_true",
+        help="register, then promote unless the champion scores better on the same held-out "
+        "rows (INFERENCE_PROMOTE_TOLERANCE); otherwise make it the challenger",
+    )
+    run.add_argument(
         "--tradeoff",
         action="store_true",
         help="print size/accuracy/speed for several max_depth values; publish nothing",
@@ -120,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from training.registry_cli import COMMANDS
+
+    if any(arg in COMMANDS for arg in argv):
+        from training import registry_cli
+
+        return registry_cli.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -172,11 +197,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  {variant}: {entry.path} {entry.size_bytes / 1e6:.2f} MB, "
             f"max |ONNX - sklearn| {diff:.2g}, sha256 {entry.sha256[:12]}"
         )
+    if args.register or args.promote_if_better or os.environ.get("MLFLOW_TRACKING_URI"):
+        try:
+            _register(outcome, args.model_dir, gate=args.promote_if_better)
+        except (InferenceError, redis.RedisError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     if not args.no_benchmark:
         from training.bench import record_goals
 
         record_goals(config, outcome)
     return 0
+
+
+def _register(outcome: TrainOutcome, model_dir: Path, *, gate: bool) -> None:
+    from training.registry import Registry
+    from training.settings import RegistrySettings
+
+    settings = RegistrySettings()
+    registry = Registry(settings, model_dir)
+    if not gate:
+        version = registry.register(outcome.version_dir, outcome.manifest)
+        print(f"registered {outcome.manifest.name} version {version.number}")
+        return
+    from training.gate import run_gate
+
+    client = redis.Redis.from_url(settings.decision_url)
+    try:
+        result = run_gate(registry, client, outcome, settings.promote_tolerance)
+    finally:
+        client.close()
+    verdict = "promoted to champion" if result.promoted else "kept as challenger"
+    print(f"version {result.candidate.number} {verdict}: {result.reason}")
 
 
 def _describe(error: object) -> str:
