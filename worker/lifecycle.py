@@ -33,9 +33,10 @@ from contract.names import QUEUE_CPU, row_queue
 from producer.connections import RedisUnreachable, check_redis
 from producer.settings import redact
 from worker import heap, runtime
+from worker.decisions import check_served_artifact
 from worker.guards import MESSAGE_BYTES_HEADER, bound_decompression
 from worker.lane.server import RowLane
-from worker.model import check_provider, resolve_artifact
+from worker.model import check_provider
 from worker.settings import WorkerSettings, load
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def _check_and_maybe_load(sender: Any, **_: Any) -> None:
     _check_redis(settings)
     try:
         provider = check_provider(settings)
-        resolve_artifact(settings, provider)
+        check_served_artifact(settings, provider)
     except StartupError as exc:
         _refuse(str(exc))
     if settings.provider == "cuda" and pool == "prefork":

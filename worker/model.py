@@ -124,6 +124,20 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
     """Verify, load, check placement and warm up the model for this process."""
     provider = check_provider(settings)
     manifest, path, variant = resolve_artifact(settings, provider)
+    return load_path(settings, provider, manifest, path, variant)
+
+
+def load_version(settings: WorkerSettings, version_dir: Path, manifest: Manifest) -> LoadedModel:
+    """load_model for a version directory other than the configured one (worker.serving)."""
+    provider = check_provider(settings)
+    variant: Variant = "gpu" if provider == CUDA else "cpu"
+    path = verified_model_path(version_dir, manifest, variant)
+    return load_path(settings, provider, manifest, path, variant)
+
+
+def load_path(
+    settings: WorkerSettings, provider: str, manifest: Manifest, path: Path, variant: Variant
+) -> LoadedModel:
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((64, manifest.n_features)).astype(np.float32)
 

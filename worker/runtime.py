@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 from contract.errors import ModelNotReady
 from contract.names import model_info_key
-from contract.schemas import ModelInfo, WorkerState
+from contract.schemas import ModelInfo, ServingDecision, WorkerState
 from producer.connections import redis_client
-from worker.model import LoadedModel, load_model
+from training.fetch import fetch_version
+from worker.decisions import DecisionWatcher, read_decision
+from worker.model import LoadedModel, load_model, load_version
+from worker.serving import Serving
 from worker.settings import WorkerSettings
 from worker.stats import Heartbeat, ProcessStats
 
@@ -26,8 +29,12 @@ log = logging.getLogger(__name__)
 class Runtime:
     settings: WorkerSettings
     model: LoadedModel
+    """The champion: replaced (not changed) when a serving decision moves it."""
     stats: ProcessStats
     heartbeat: Heartbeat
+    serving: Serving | None = None
+    """The versions of the serving decision; None when decisions are off."""
+    watcher: DecisionWatcher | None = None
 
 
 _current: Runtime | None = None
@@ -43,7 +50,9 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
     global _current
     if _current is not None and _current.heartbeat is not None:
         return _current
-    model = load_model(settings)
+    client = redis_client(settings.backend, settings)
+    decision = read_decision(client, settings.model_name) if settings.serving_decisions else None
+    model = load_model(settings) if decision is None else load_champion(settings, decision)
     now = time.time()
     stats = ProcessStats(
         WorkerState(
@@ -59,7 +68,6 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
             updated_at=now,
         )
     )
-    client = redis_client(settings.backend, settings)
     info = ModelInfo(
         name=model.manifest.name,
         version=model.manifest.version,
@@ -70,13 +78,39 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
     for queue in queues:
         client.set(model_info_key(queue), info.model_dump_json())
     heartbeat = Heartbeat(client, stats, settings.heartbeat_s)
+    rt = Runtime(settings, model, stats, heartbeat)
+    if settings.serving_decisions:
+        rt.serving = Serving(settings, model)
+        if decision is not None:
+            rt.serving.apply(decision)
+        rt.watcher = DecisionWatcher(client, rt.serving, lambda: _follow(rt))
+        _follow(rt)
     heartbeat.start()
-    _current = Runtime(settings, model, stats, heartbeat)
+    if rt.watcher is not None:
+        rt.watcher.start()
+    _current = rt
     return _current
+
+
+def load_champion(settings: WorkerSettings, decision: ServingDecision) -> LoadedModel:
+    """The champion of a serving decision, fetched, checked and loaded."""
+    version_dir, manifest = fetch_version(
+        decision.champion, settings.model_cache_dir, settings.model_name
+    )
+    return load_version(settings, version_dir, manifest)
+
+
+def _follow(rt: Runtime) -> None:
+    """Point the runtime and its published state at what the serving decision serves."""
+    assert rt.serving is not None
+    rt.model = rt.serving.arms.champion
+    rt.stats.serving(rt.model.manifest.version, rt.serving.status())
 
 
 def stop() -> None:
     global _current
     if _current is not None:
+        if _current.watcher is not None:
+            _current.watcher.stop()
         _current.heartbeat.stop()
         _current = None

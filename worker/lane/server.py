@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import redis
 
 from contract.envelope import read_task_message
@@ -35,12 +36,20 @@ from contract.errors import (
     MessageTooLarge,
     TaskFailed,
 )
-from contract.names import HEADER_ENQUEUED_AT, TASK_PREDICT, TASK_PREDICT_BATCH
+from contract.names import (
+    HEADER_ENQUEUED_AT,
+    HEADER_MODEL_VERSION,
+    HEADER_ROUTING_KEY,
+    TASK_PREDICT,
+    TASK_PREDICT_BATCH,
+)
 from contract.schemas import PredictRequest
 from worker import results, service
 from worker.lane.transport import RowTransport, task_id_in_ends, task_name_in_ends
 from worker.messages import body_problem, envelope_problem
+from worker.model import LoadedModel
 from worker.runtime import Runtime
+from worker.serving import ARM_CHAMPION
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,17 @@ class _Job:
     """args and kwargs of an inference.predict_batch job."""
     error: InferenceError | None = None
     revoked: bool = False
+    model: LoadedModel | None = None
+    """The version that serves a single-row job (worker.serving), and its arm."""
+    arm: str | None = None
+
+
+def _by_version(rows: list[_Job]) -> list[list[_Job]]:
+    """Rows grouped by the version (and arm) that serves them: one model call a group."""
+    groups: dict[tuple[int, str | None], list[_Job]] = {}
+    for job in rows:
+        groups.setdefault((id(job.model), job.arm), []).append(job)
+    return list(groups.values())
 
 
 def _bare(exc: InferenceError) -> InferenceError:
@@ -171,20 +191,25 @@ class RowLane:
         rows = [j for j in jobs if j.error is None and not j.revoked and j.batch is None]
         batches = [j for j in jobs if j.error is None and not j.revoked and j.batch is not None]
         writes: list[tuple[str, str]] = []
-        if rows:
+        shadowed: list[tuple[list[float], float]] = []
+        for group in _by_version(rows):
             outcomes = service.predict_rows(
                 self.rt,
-                [j.features or [] for j in rows],
-                [j.headers.get(HEADER_ENQUEUED_AT) for j in rows],
+                [j.features or [] for j in group],
+                [j.headers.get(HEADER_ENQUEUED_AT) for j in group],
                 self.hostname,
                 started,
+                group[0].model,
+                group[0].arm,
             )
-            for job, outcome in zip(rows, outcomes, strict=True):
+            for job, outcome in zip(group, outcomes, strict=True):
                 assert job.task_id is not None  # a job without an id is refused in _read
                 if isinstance(outcome, InferenceError):
                     job.error = _bare(outcome)
                 else:
                     writes.append(docs.success(job.task_id, outcome))
+                    if job.arm == ARM_CHAMPION:
+                        shadowed.append((job.features or [], outcome["prediction"]))
         for job in jobs:
             if job.error is not None and job.features is None:
                 self.rt.stats.failed()  # refused unread; predict_rows counted the rest
@@ -199,6 +224,12 @@ class RowLane:
         served = sum(1 for j in rows if j.error is None)
         if served:
             self._on_batch(served)
+        if shadowed and self.rt.serving is not None:
+            # After the results are written: the shadow run never delays them.
+            self.rt.serving.shadow(
+                np.asarray([f for f, _ in shadowed], dtype=np.float32),
+                np.asarray([p for _, p in shadowed], dtype=np.float64),
+            )
         for job in batches:
             done = self._serve_batch(job, results.Documents(self.backend))
             self.transport.finish([done], [job.tag] if job.tag else [])
@@ -209,8 +240,18 @@ class RowLane:
         job.batch = (args, {})  # the rows are not kept beyond their job
         try:
             enqueued_at = job.headers.get(HEADER_ENQUEUED_AT)
+            headers = job.headers
             result = service.predict_batch(
-                self.rt, service.Job(args, kwargs, enqueued_at, self.hostname)
+                self.rt,
+                service.Job(
+                    args,
+                    kwargs,
+                    enqueued_at,
+                    self.hostname,
+                    job.task_id,
+                    headers.get(HEADER_MODEL_VERSION),
+                    headers.get(HEADER_ROUTING_KEY),
+                ),
             )
         except InferenceError as exc:
             return docs.failure(job.task_id, _bare(exc))
@@ -255,7 +296,14 @@ class RowLane:
             job.batch = (tuple(args), kwargs)
             return job
         try:
-            job.features = service.parse(self.rt, PredictRequest, tuple(args), kwargs).features
+            request = service.parse(self.rt, PredictRequest, tuple(args), kwargs)
+            job.features = request.features
+            job.model, job.arm = service.choose(
+                self.rt,
+                request.model_version or message.headers.get(HEADER_MODEL_VERSION),
+                request.routing_key or message.headers.get(HEADER_ROUTING_KEY),
+                message.task_id or tag,
+            )
         except InferenceError as exc:
             job.error = _bare(exc)
         return job
