@@ -81,12 +81,13 @@ class DecisionWatcher:
             self._thread.join(timeout)
 
     def check(self) -> None:
-        """Read the decision and apply it if it is new."""
+        """Read the decision, apply it if it is new, and publish the serving status."""
         decision = read_decision(self.client, self.name)
         generation = self.serving.arms.generation
         if decision is not None and decision.generation != generation:
             self.serving.apply(decision)
-            self._on_change()
+        # Also when nothing changed: the shadow statistics move on.
+        self._on_change()
 
     def _run(self) -> None:
         backoff = self.poll_s
