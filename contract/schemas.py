@@ -308,6 +308,9 @@ class WorkerHealth(_Serving):
     latency: LatencySummary
     uptime_s: float
     last_seen_s: float
+    serving: ServingStatus | None = None
+    """Its processes' serving statuses merged: the oldest generation, the first error, every
+    loaded version, shadow rows summed (mean weighted by rows, the largest p99)."""
 
 
 class HealthReport(BaseModel):

@@ -15,12 +15,13 @@ import redis
 from contract.names import TASK_PREDICT, TASK_PREDICT_BATCH
 from contract.schemas import ServedVersion, ServingDecision, ServingStatus
 from producer.client import Client
+from producer.health import format_health
 from producer.settings import ProducerSettings
 from stack.processes import celery_env, worker_process
 from tests.support import RunningWorker, served_version, serving
 from training.promote import publish_decision, read_decision
 from training.train import TrainConfig, TrainOutcome, run_training
-from worker.health import live_states
+from worker.health import build_report, live_states
 from worker.serving import in_canary
 
 pytestmark = pytest.mark.integration
@@ -184,6 +185,12 @@ def test_a_broken_candidate_is_not_served_and_nothing_fails(
     results = _results(client, ids)
     assert {r["model_version"] for r in results} == {current.champion.version}
     assert all("sha256" in (s.error or "") for s in _statuses(redis_url, worker.hostname))
+    probe = redis.Redis.from_url(redis_url)
+    report = build_report(probe, probe, [QUEUE])
+    probe.close()
+    entry = next(w for w in report.workers if w.hostname == worker.hostname)
+    assert entry.serving is not None and "sha256" in (entry.serving.error or "")
+    assert "NOT APPLIED" in format_health(report)
 
 
 def test_canary_pins_and_shadow(
