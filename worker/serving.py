@@ -12,13 +12,17 @@ previous snapshot stays, and the failure is in the process's state (the health r
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import re
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +43,7 @@ ARM_PINNED = "pinned"
 BUCKETS = 10_000
 SHADOW_WINDOW = 4096
 """Recent |challenger - champion| differences kept for the p99."""
+LOAD_LOCK_FILE = ".load.lock"
 _VERSION_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -49,6 +54,17 @@ def in_canary(key: str, percent: float) -> bool:
         return False
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % BUCKETS < round(percent * BUCKETS / 100)
+
+
+@contextmanager
+def _host_lock(cache_dir: Path) -> Iterator[None]:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with (cache_dir / LOAD_LOCK_FILE).open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -88,10 +104,13 @@ class Serving:
         if decision.generation == current.generation:
             return False
         try:
-            champion = self._load(decision.champion, current)
-            challenger = None
-            if decision.challenger is not None:
-                challenger = self._load(decision.challenger, current)
+            # One process of a host loads at a time: the others keep serving meanwhile, so
+            # a swap never takes every process's CPU at once.
+            with _host_lock(self.settings.model_cache_dir):
+                champion = self._load(decision.champion, current)
+                challenger = None
+                if decision.challenger is not None:
+                    challenger = self._load(decision.challenger, current)
         except (InferenceError, OSError, ValueError) as exc:
             self.error = f"generation {decision.generation} not served: {exc}"
             log.error("serving decision %s", self.error)

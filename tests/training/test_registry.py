@@ -158,3 +158,21 @@ def _drain(pubsub: redis.client.PubSub) -> list[dict[str, object]]:
     while (message := pubsub.get_message(timeout=0.2)) is not None:
         messages.append(message)
     return messages
+
+
+def test_cli_trains_registers_and_gates(
+    redis_url: str,
+    model_dir: Path,
+    registry: Registry,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("INFERENCE_REDIS_URL", redis_url)
+    name = f"c{uuid.uuid4().hex[:6]}"
+    argv = ["--model-dir", str(model_dir), "--name", name, "--n-samples", "1500"]
+    argv += ["--n-estimators", "10", "--n-jobs", "1", "--no-benchmark", "--no-gpu-model"]
+    assert cli_main([*argv, "--promote-if-better"]) == 0
+    assert "version 1 promoted to champion: no champion yet" in capsys.readouterr().out
+    assert cli_main([*argv, "--max-depth", "1", "--promote-if-better"]) == 0
+    assert "version 2 kept as challenger: held-out R2" in capsys.readouterr().out
+    assert registry.aliases(name) == {"champion": "1", "challenger": "2"}
