@@ -157,14 +157,15 @@ class Serving:
 
     def choose(
         self, pin: str | None, routing_key: str | None, job_id: str
-    ) -> tuple[LoadedModel, str]:
-        """The version that serves a job, and its arm."""
+    ) -> tuple[LoadedModel, str | None]:
+        """The version that serves a job, and its arm (None before any decision)."""
         arms = self.arms
         if pin is not None:
             return self._pinned_model(pin, arms), ARM_PINNED
         if arms.challenger is not None and in_canary(routing_key or job_id, arms.canary_percent):
             return arms.challenger, ARM_CHALLENGER
-        return arms.champion, ARM_CHAMPION
+        # Without a decision there are no roles: the model directory's version serves.
+        return arms.champion, ARM_CHAMPION if arms.decision is not None else None
 
     def _pinned_model(self, pin: str, arms: Arms) -> LoadedModel:
         if pin == ALIAS_CHAMPION:

@@ -160,6 +160,25 @@ def _drain(pubsub: redis.client.PubSub) -> list[dict[str, object]]:
     return messages
 
 
+def test_sync_serves_an_alias_moved_in_mlflow(
+    registry: Registry, redis_url: str, model_dir: Path
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    name = f"s{uuid.uuid4().hex[:6]}"
+    config = small(model_dir).model_copy(update={"name": name})
+    first, second = (
+        registry.register(o.version_dir, o.manifest)
+        for o in (run_training(config), run_training(config.model_copy(update={"seed": 2})))
+    )
+    promote.promote(registry, client, name, first.number)
+    assert promote.sync(registry, client, name) is None
+    registry.set_alias(name, "champion", second.number)  # as MLflow's UI would
+    moved = promote.sync(registry, client, name)
+    assert moved is not None and moved.champion.version == second.artifact_version
+    assert promote.read_decision(client, name) == moved
+    client.close()
+
+
 def test_cli_trains_registers_and_gates(
     redis_url: str,
     model_dir: Path,

@@ -136,6 +136,8 @@ def test_pinned_versions_are_kept_least_recently_used(
 ) -> None:
     only_second = settings.model_copy(update={"model_version": versions[1].manifest.version})
     serving = Serving(only_second, load_model(only_second))
+    # Before any decision there are no roles.
+    assert serving.choose(None, "key", "job") == (serving.arms.champion, None)
     first = versions[0].manifest.version
     model, arm = serving.choose(first, None, "job")
     assert (model.manifest.version, arm) == (first, ARM_PINNED)
