@@ -87,7 +87,7 @@ class Serving:
         self.arms = Arms(generation=-1, champion=base)
         self.error: str | None = None
         self._pinned: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._pin_lock = threading.Lock()
+        self._pin_lock = threading.RLock()
         self._shadow_lock = threading.Lock()
         self._shadow_diffs: deque[float] = deque(maxlen=SHADOW_WINDOW)
         self._shadow_rows = 0
@@ -136,7 +136,9 @@ class Serving:
         return True
 
     def _load(self, served: ServedVersion, current: Arms) -> LoadedModel:
-        for loaded in (current.champion, current.challenger, *self._pinned.values()):
+        with self._pin_lock:  # the row lane adds pinned versions from its own thread
+            pinned = list(self._pinned.values())
+        for loaded in (current.champion, current.challenger, *pinned):
             if loaded is not None and loaded.manifest.version == served.version:
                 return loaded
         version_dir, manifest = fetch_version(
@@ -240,7 +242,8 @@ class Serving:
         with self._shadow_lock:
             recent = list(self._shadow_diffs)
             rows, total = self._shadow_rows, self._shadow_sum
-        loaded = {arms.champion.manifest.version, *self._pinned}
+        with self._pin_lock:
+            loaded = {arms.champion.manifest.version, *self._pinned}
         if arms.challenger is not None:
             loaded.add(arms.challenger.manifest.version)
         return ServingStatus(
