@@ -162,6 +162,18 @@ def rollback(registry: Registry, client: redis.Redis, name: str) -> ServingDecis
     return decision
 
 
+def sync(registry: Registry, client: redis.Redis, name: str) -> ServingDecision | None:
+    """Serve the version MLflow's champion alias names, if the decision says otherwise: an
+    alias moved in MLflow's UI (or by another client) reaches the workers. None if in step."""
+    number = registry.aliases(name).get(ALIAS_CHAMPION)
+    if number is None:
+        return None
+    current = read_decision(client, name)
+    if current is not None and current.champion.registry_version == number:
+        return None
+    return promote(registry, client, name, number)
+
+
 def _move_aliases(registry: Registry, name: str, decision: ServingDecision) -> None:
     champion = decision.champion.registry_version
     old = registry.aliases(name).get(ALIAS_CHAMPION)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,7 @@ from contract.errors import InferenceError
 from contract.names import ALIAS_CHALLENGER, ALIAS_CHAMPION
 from contract.schemas import ServingDecision
 
-COMMANDS = ("promote", "rollback", "versions")
+COMMANDS = ("promote", "rollback", "versions", "sync")
 EXIT_FAILED = 1
 
 
@@ -49,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("rollback", help="drop the challenger, or else restore the previous champion")
     sub.add_parser("versions", help="registered versions, aliases, metrics, who serves them")
+    sync = sub.add_parser(
+        "sync", help="serve MLflow's champion alias if it was moved there (its UI, a client)"
+    )
+    sync.add_argument(
+        "--every",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep checking at this interval (default: once)",
+    )
     return parser
 
 
@@ -75,6 +86,13 @@ def main(argv: Sequence[str]) -> int:
             print(describe(decision))
         elif args.command == "rollback":
             print(describe(promote.rollback(registry, client, args.name)))
+        elif args.command == "sync":
+            while True:
+                moved = promote.sync(registry, client, args.name)
+                print(describe(moved) if moved else f"{args.name}: in step with MLflow")
+                if args.every <= 0:
+                    break
+                time.sleep(args.every)
         else:
             serving = promote.serving_now(client)
             print(f"{'version':>7}  {'artifact':<24} {'aliases':<20} {'r2':>7}  created (UTC)")

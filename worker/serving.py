@@ -87,7 +87,7 @@ class Serving:
         self.arms = Arms(generation=-1, champion=base)
         self.error: str | None = None
         self._pinned: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._pin_lock = threading.Lock()
+        self._pin_lock = threading.RLock()
         self._shadow_lock = threading.Lock()
         self._shadow_diffs: deque[float] = deque(maxlen=SHADOW_WINDOW)
         self._shadow_rows = 0
@@ -136,7 +136,9 @@ class Serving:
         return True
 
     def _load(self, served: ServedVersion, current: Arms) -> LoadedModel:
-        for loaded in (current.champion, current.challenger, *self._pinned.values()):
+        with self._pin_lock:  # the row lane adds pinned versions from its own thread
+            pinned = list(self._pinned.values())
+        for loaded in (current.champion, current.challenger, *pinned):
             if loaded is not None and loaded.manifest.version == served.version:
                 return loaded
         version_dir, manifest = fetch_version(
@@ -157,14 +159,15 @@ class Serving:
 
     def choose(
         self, pin: str | None, routing_key: str | None, job_id: str
-    ) -> tuple[LoadedModel, str]:
-        """The version that serves a job, and its arm."""
+    ) -> tuple[LoadedModel, str | None]:
+        """The version that serves a job, and its arm (None before any decision)."""
         arms = self.arms
         if pin is not None:
             return self._pinned_model(pin, arms), ARM_PINNED
         if arms.challenger is not None and in_canary(routing_key or job_id, arms.canary_percent):
             return arms.challenger, ARM_CHALLENGER
-        return arms.champion, ARM_CHAMPION
+        # Without a decision there are no roles: the model directory's version serves.
+        return arms.champion, ARM_CHAMPION if arms.decision is not None else None
 
     def _pinned_model(self, pin: str, arms: Arms) -> LoadedModel:
         if pin == ALIAS_CHAMPION:
@@ -249,7 +252,8 @@ class Serving:
         with self._shadow_lock:
             recent = list(self._shadow_diffs)
             rows, total = self._shadow_rows, self._shadow_sum
-        loaded = {arms.champion.manifest.version, *self._pinned}
+        with self._pin_lock:
+            loaded = {arms.champion.manifest.version, *self._pinned}
         if arms.challenger is not None:
             loaded.add(arms.challenger.manifest.version)
         return ServingStatus(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from contract.names import TASK_PREDICT, TASK_PREDICT_BATCH
 from contract.schemas import ServedVersion, ServingDecision, ServingStatus
@@ -194,7 +195,12 @@ def test_a_broken_candidate_is_not_served_and_nothing_fails(
 
 
 def test_canary_pins_and_shadow(
-    client: Client, worker: RunningWorker, redis_url: str, served: list, versions: list
+    client: Client,
+    celery_sender: Celery,
+    worker: RunningWorker,
+    redis_url: str,
+    served: list,
+    versions: list,
 ) -> None:
     decision = _next(
         redis_url, champion=served[1], challenger=served[0], canary_percent=10, shadow=True
@@ -213,10 +219,20 @@ def test_canary_pins_and_shadow(
     share = sum(r["arm"] == "challenger" for r in results) / len(results)
     assert 0.07 < share < 0.13
 
-    pinned = client.wait(
-        client.send(TASK_PREDICT, {"features": features, "model_version": "1"}, QUEUE)
-    )
+    pinned = client.wait(client.submit(features, QUEUE, model_version="1"))
     assert (pinned["model_version"], pinned["arm"]) == (served[0].version, "pinned")
+    batch = client.wait(client.submit_batch([features] * 3, QUEUE, model_version="1"))
+    assert (batch["model_version"], batch["arm"]) == (served[0].version, "pinned")
+    # A message header pins as the kwarg does (a producer that cannot change the kwargs).
+    by_header = client.wait(
+        celery_sender.send_task(
+            TASK_PREDICT,
+            kwargs={"features": features},
+            queue=f"{QUEUE}.rows",
+            headers={"model_version": served[0].version},
+        ).id
+    )
+    assert (by_header["model_version"], by_header["arm"]) == (served[0].version, "pinned")
     from producer.errors import UnknownModelVersion
 
     with pytest.raises(UnknownModelVersion):

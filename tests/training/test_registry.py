@@ -160,6 +160,25 @@ def _drain(pubsub: redis.client.PubSub) -> list[dict[str, object]]:
     return messages
 
 
+def test_sync_serves_an_alias_moved_in_mlflow(
+    registry: Registry, redis_url: str, model_dir: Path
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    name = f"s{uuid.uuid4().hex[:6]}"
+    config = small(model_dir).model_copy(update={"name": name})
+    first, second = (
+        registry.register(o.version_dir, o.manifest)
+        for o in (run_training(config), run_training(config.model_copy(update={"seed": 2})))
+    )
+    promote.promote(registry, client, name, first.number)
+    assert promote.sync(registry, client, name) is None
+    registry.set_alias(name, "champion", second.number)  # as MLflow's UI would
+    moved = promote.sync(registry, client, name)
+    assert moved is not None and moved.champion.version == second.artifact_version
+    assert promote.read_decision(client, name) == moved
+    client.close()
+
+
 def test_cli_trains_registers_and_gates(
     redis_url: str,
     model_dir: Path,
@@ -176,3 +195,23 @@ def test_cli_trains_registers_and_gates(
     assert cli_main([*argv, "--max-depth", "1", "--promote-if-better"]) == 0
     assert "version 2 kept as challenger: held-out R2" in capsys.readouterr().out
     assert registry.aliases(name) == {"champion": "1", "challenger": "2"}
+
+
+def test_serving_now_reads_the_workers_heartbeats(redis_url: str) -> None:
+    from contract.names import worker_state_key
+    from contract.schemas import ServingStatus, WorkerState
+
+    client = redis.Redis.from_url(redis_url)
+    host = f"h{uuid.uuid4().hex[:6]}"
+    version, challenger = f"v-{uuid.uuid4().hex[:6]}", f"c-{uuid.uuid4().hex[:6]}"
+    state = WorkerState(
+        hostname=host, queues=["q"], pool="prefork", model_name="m", model_version=version,
+        provider="cpu", device="cpu", pid=7, started_at=0.0, updated_at=0.0,
+        serving=ServingStatus(generation=1, challenger_version=challenger),
+    )  # fmt: skip
+    client.set(worker_state_key(host, 7), state.model_dump_json(), ex=30)
+    serving = promote.serving_now(client)
+    assert serving[version] == [f"{host}:7"]
+    assert serving[challenger] == [f"{host}:7 (challenger)"]
+    client.delete(worker_state_key(host, 7))
+    client.close()

@@ -136,6 +136,8 @@ def test_pinned_versions_are_kept_least_recently_used(
 ) -> None:
     only_second = settings.model_copy(update={"model_version": versions[1].manifest.version})
     serving = Serving(only_second, load_model(only_second))
+    # Before any decision there are no roles.
+    assert serving.choose(None, "key", "job") == (serving.arms.champion, None)
     first = versions[0].manifest.version
     model, arm = serving.choose(first, None, "job")
     assert (model.manifest.version, arm) == (first, ARM_PINNED)
@@ -178,3 +180,14 @@ def _csv(tmp_path: Path, n_features: int) -> Path:
     lines = [header] + [",".join(map(str, [*row, row.sum()])) for row in X]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def test_the_previous_champion_can_be_pinned(
+    settings: WorkerSettings, versions: list[TrainOutcome]
+) -> None:
+    serving = Serving(settings, load_model(settings))
+    one, two = (served_version(v.version_dir, str(i + 1)) for i, v in enumerate(versions))
+    assert serving.apply(decision(1, two, previous=one))
+    model, arm = serving.choose("1", None, "job")  # its registry number, from the decision
+    assert (model.manifest.version, arm) == (one.version, ARM_PINNED)
+    assert serving.choose(one.version, None, "job")[0] is model
