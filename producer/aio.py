@@ -195,17 +195,34 @@ class AsyncClient(ClientCore):
         request = parse(BatchRequest, kwargs, info)
         return await self.send(TASK_PREDICT_BATCH, request.model_dump(), queue)
 
-    async def submit_explain(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
+    async def submit_explain(
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
         """An inference.explain job for `rows` (sent to the row lane); its id."""
         info = await self.model_info(queue)
-        request = parse(ExplainRequest, {"rows": [list(r) for r in rows]}, info)
+        kwargs = routed({"rows": [list(r) for r in rows]}, model_version, routing_key)
+        request = parse(ExplainRequest, kwargs, info)
         return await self.send(TASK_EXPLAIN, request.model_dump(exclude_none=True), queue)
 
     async def explain(
-        self, rows: Sequence[Sequence[float]], queue: str = "cpu", timeout: float | None = None
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        timeout: float | None = None,
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
     ) -> list[Explanation]:
         """Each row's prediction and SHAP contributions, named by feature (Client.explain)."""
-        result = await self.wait(await self.submit_explain(rows, queue), timeout)
+        task_id = await self.submit_explain(
+            rows, queue, model_version=model_version, routing_key=routing_key
+        )
+        result = await self.wait(task_id, timeout)
         return ExplainResult.model_validate(result).explanations()
 
     async def submit_batch_f32(self, rows_f32: str, n_features: int, queue: str = "cpu") -> str:

@@ -185,17 +185,35 @@ class Client(ClientCore):
         request = parse(BatchRequest, kwargs, self.model_info(queue))
         return self.send(TASK_PREDICT_BATCH, request.model_dump(exclude_none=True), queue)
 
-    def submit_explain(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
-        """An inference.explain job for `rows` (sent to the row lane); its id."""
-        request = parse(ExplainRequest, {"rows": [list(r) for r in rows]}, self.model_info(queue))
+    def submit_explain(
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
+        """An inference.explain job for `rows` (sent to the row lane); its id. It is
+        explained by the version that serves it, chosen as for submit_batch."""
+        kwargs = routed({"rows": [list(r) for r in rows]}, model_version, routing_key)
+        request = parse(ExplainRequest, kwargs, self.model_info(queue))
         return self.send(TASK_EXPLAIN, request.model_dump(exclude_none=True), queue)
 
     def explain(
-        self, rows: Sequence[Sequence[float]], queue: str = "cpu", timeout: float | None = None
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        timeout: float | None = None,
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
     ) -> list[Explanation]:
         """Each row's prediction and SHAP contributions, named by feature; the job's error
         raised (ExplainUnavailable when the workers cannot explain)."""
-        result = self.wait(self.submit_explain(rows, queue), timeout)
+        task_id = self.submit_explain(
+            rows, queue, model_version=model_version, routing_key=routing_key
+        )
+        result = self.wait(task_id, timeout)
         return ExplainResult.model_validate(result).explanations()
 
     # -- results ---------------------------------------------------------------------------

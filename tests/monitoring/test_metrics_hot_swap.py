@@ -104,6 +104,17 @@ def _counted(mw: MetricsWorker, version: str, rows: int) -> str | None:
     return text if done and jobs.get((TASK_EXPLAIN, version, "success")) == 2 else None
 
 
+def _count(mw: MetricsWorker, task: str, version: str) -> int:
+    jobs = by(scrape(mw.port), JOBS_TOTAL, ("task", "version", "outcome"))
+    return jobs.get((task, version, "success"), 0)
+
+
+def _info_is(mw: MetricsWorker, versions: set[str]) -> str | None:
+    """The scrape, once inference_model_info lists exactly `versions`."""
+    text = scrape(mw.port)
+    return text if _versions(text, MODEL_INFO) == versions else None
+
+
 def _versions(text: str, name: str) -> set[str]:
     return {labels["version"] for labels, value in samples(text, name) if value > 0}
 
@@ -124,14 +135,21 @@ def test_jobs_and_model_gauges_follow_a_hot_swap(
         hostname = mw.worker.hostname
         wait_for("both processes on generation 1", lambda: _generation(redis_url, hostname) == {1})
         after = _serve(client, mw, rows)
-    assert {r["model_version"] for r in after} == {two}
+        assert {r["model_version"] for r in after} == {two}
+        _after_swap(mw, rows, one, two)
+        # A job pinned to the old version loads it again, as a pinned version: listed anew.
+        pinned = client.wait(client.submit_explain(rows[:1], mw.queue, model_version=one))
+    assert (pinned["model_version"], pinned["arm"]) == (one, "pinned")
+    text = wait_for("the pinned version's model info", lambda: _info_is(mw, {one, two}), 20)
+    wait_for("the pinned job counted", lambda: _count(mw, TASK_EXPLAIN, one) == 3)
+    assert {labels["version"] for labels, _ in samples(text, MODEL_LOAD_SECONDS)} == {one, two}
 
-    def swapped() -> str | None:
-        text = scrape(mw.port)
-        return text if _versions(text, MODEL_INFO) == {two} else None
 
+def _after_swap(mw: MetricsWorker, rows: list[list[float]], one: str, two: str) -> None:
+    """The scrape after the swap: every job under the version that computed it, the model
+    gauges of the new version only."""
     wait_for("the jobs of version 2 counted", lambda: _counted(mw, two, len(rows)))
-    text = wait_for("the model info of version 2 only", swapped, timeout_s=20)
+    text = wait_for("the model info of version 2 only", lambda: _info_is(mw, {two}), 20)
     assert by(text, JOBS_TOTAL, ("task", "version", "outcome")) == {
         (TASK_PREDICT, one, "success"): len(rows),
         (TASK_EXPLAIN, one, "success"): 2,
