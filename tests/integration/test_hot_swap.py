@@ -13,7 +13,7 @@ import pytest
 import redis
 from celery import Celery
 
-from contract.names import TASK_PREDICT, TASK_PREDICT_BATCH
+from contract.names import TASK_EXPLAIN, TASK_PREDICT, TASK_PREDICT_BATCH
 from contract.schemas import ServedVersion, ServingDecision, ServingStatus
 from producer.client import Client
 from producer.health import format_health
@@ -233,6 +233,15 @@ def test_canary_pins_and_shadow(
         ).id
     )
     assert (by_header["model_version"], by_header["arm"]) == (served[0].version, "pinned")
+    # Explain jobs are routed as batch jobs are, on both paths, and explained by that version.
+    explained = client.wait(client.submit_explain([features], QUEUE, model_version="1"))
+    assert (explained["model_version"], explained["arm"]) == (served[0].version, "pinned")
+    key = next(k for k in keys if in_canary(k, 10))
+    in_lane = client.wait(
+        client.send(TASK_EXPLAIN, {"rows": [features], "routing_key": key}, f"{QUEUE}.rows")
+    )
+    assert (in_lane["model_version"], in_lane["arm"]) == (served[0].version, "challenger")
+    assert in_lane["base_value"] == versions[0].manifest.base_value
     from producer.errors import UnknownModelVersion
 
     with pytest.raises(UnknownModelVersion):
