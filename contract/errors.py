@@ -4,7 +4,8 @@
     ├── PermanentError            the job cannot succeed as sent: never retried
     │   ├── InvalidInput          ├── FeatureCountMismatch, TooManyRows, MessageTooLarge
     │   │                         └── MessageRefused (not a task message; never on the wire)
-    │   └── ExplainUnavailable    the served model has no explanation graph
+    │   ├── ExplainUnavailable    the served model has no explanation graph
+    │   └── UnknownModelVersion   the job pinned a version the worker cannot serve
     ├── TransientError            the same job may succeed later: retried
     │   ├── ModelNotReady, PredictionFailed
     │   └── RedisUnreachable, QueueFull
@@ -13,7 +14,7 @@
     │   └── ModelArtifactError, ProviderUnavailable, RedisAuthFailed, RedisTlsFailed
     ├── JournalError              a scoring run cannot resume from its journal
     ├── TrainingError             a training run refuses to publish
-    │   └── DataError, ConversionMismatch
+    │   └── DataError, ConversionMismatch, RegistryError
     └── ToolError                 the demo or the benchmark cannot run here
         └── RedisServerExited, TlsUnsupported, BenchError
 
@@ -74,6 +75,10 @@ class TooManyRows(InvalidInput):
 
 class MessageTooLarge(InvalidInput):
     """The message body (decompressed) exceeds the worker's INFERENCE_MAX_MESSAGE_BYTES."""
+
+
+class UnknownModelVersion(PermanentError):
+    """The job pinned a version (or alias) that this worker cannot serve."""
 
 
 class MessageRefused(InvalidInput):
@@ -161,6 +166,11 @@ class TrainingError(InferenceError):
 
 class DataError(TrainingError):
     """The training data cannot be used as given (missing column, no numeric features...)."""
+
+
+class RegistryError(TrainingError):
+    """The model registry, or a promote / rollback, refuses: the version is unknown, broken,
+    or does not fit what is served."""
 
 
 class ConversionMismatch(TrainingError):

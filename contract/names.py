@@ -38,10 +38,29 @@ def queue_for(task: str, queue: str) -> str:
 # enqueues; the worker turns it into the queue-wait latency.
 HEADER_ENQUEUED_AT = "enqueued_at"
 
+# Optional routing of a job among the versions a worker serves, as a message header or a
+# kwarg of the same name: a version or alias to pin, and the key (an entity id) that keeps a
+# canary split sticky.
+HEADER_MODEL_VERSION = "model_version"
+HEADER_ROUTING_KEY = "routing_key"
+# The versions a pin may name by role (contract.schemas.ServingDecision).
+ALIAS_CHAMPION = "champion"
+ALIAS_CHALLENGER = "challenger"
+
 # Redis keys, all in the result-backend database.
 HEALTH_REPORT_KEY = "inference:health:report"
 WORKER_STATE_PREFIX = "inference:worker:"
 MODEL_INFO_PREFIX = "inference:model:info:"
+# The serving decision of each model (contract.schemas.ServingDecision), written by
+# `python -m training promote` / `rollback`, which then publish the model's name on
+# SERVING_CHANNEL so that every worker process reloads it at once (they also poll the key).
+SERVING_PREFIX = "inference:serving:"
+SERVING_CHANNEL = "inference:serving:changed"
+
+
+def serving_key(name: str) -> str:
+    return f"{SERVING_PREFIX}{name}"
+
 
 # kombu's Redis transport (broker database): each queue is a list of that name; a message
 # delivered and not yet acknowledged is kept in UNACKED_KEY (tag -> [message, exchange,

@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from contract.errors import FeatureCountMismatch, InvalidInput, TooManyRows
 
@@ -27,12 +35,34 @@ Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Row = Annotated[list[Feature], Field(fail_fast=True)]
 
 
-class PredictRequest(BaseModel):
+Pin = Annotated[str | None, Field(default=None, min_length=1, max_length=128)]
+"""A version (or alias: champion, challenger) the job must be served by; unset: the worker
+routes it (champion, or the canary split)."""
+RoutingKey = Annotated[str | None, Field(default=None, max_length=256)]
+"""An entity id: jobs with the same key always go to the same arm of a canary split."""
+
+
+class _Routed(BaseModel):
+    """A request that may pin a version or carry a routing key: both left out of its kwargs
+    when unset, so a request that uses neither is sent as before they existed."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_routing(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key in ("model_version", "routing_key"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+class PredictRequest(_Routed):
     """kwargs of `inference.predict`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     features: Row = Field(min_length=1)
+    model_version: Pin = None
+    routing_key: RoutingKey = None
 
 
 # -- float32 rows and predictions, compactly --------------------------------------------------
@@ -89,7 +119,7 @@ def check_f32_shape(rows: int, width: int, n_features: int, max_rows: int) -> No
         raise TooManyRows(f"{rows} rows exceed the maximum of {max_rows} per job")
 
 
-class BatchRequest(BaseModel):
+class BatchRequest(_Routed):
     """kwargs of `inference.predict_batch`: exactly one of `rows` (lists of JSON numbers) and
     `rows_f32` (float32, encode_f32's form) with `n_features`, the values in each row."""
 
@@ -98,6 +128,8 @@ class BatchRequest(BaseModel):
     rows: Annotated[list[Row], Field(min_length=1, fail_fast=True)] | None = None
     rows_f32: Annotated[str, Field(strict=True, min_length=1)] | None = None
     n_features: Annotated[int, Field(strict=True, ge=1)] | None = None
+    model_version: Pin = None
+    routing_key: RoutingKey = None
 
     @model_validator(mode="after")
     def _one_encoding(self) -> BatchRequest:
@@ -141,6 +173,9 @@ class _ResultBase(BaseModel):
     device: str
     hostname: str
     latency: Latency
+    arm: str | None = None
+    """Which version served the job: "champion", "challenger" (canary share), "pinned"
+    (the job named it), or null from a worker without a serving decision."""
 
 
 class PredictResult(_ResultBase):
@@ -208,6 +243,55 @@ class ModelInfo(BaseModel):
     """The explanations' base value; None when the workers cannot explain."""
 
 
+class ServedVersion(BaseModel):
+    """One version of a model, as a worker fetches it."""
+
+    version: str
+    """The artifact's version (its manifest's, and the directory's name)."""
+    registry_version: str | None = None
+    """Its number in the model registry (MLflow), when it was registered."""
+    location: str
+    """The folder holding manifest.json and the model files: a path (a folder every worker
+    host can read), or an http(s) URL (MLflow's artifact REST API)."""
+    sha256: dict[str, str]
+    """sha256 of each model file, by file name: checked after the fetch, before loading."""
+    n_features: int
+
+
+class ServingDecision(BaseModel):
+    """What every worker of model `name` serves, written by promote and rollback."""
+
+    name: str
+    generation: int = Field(ge=0)
+    """Incremented by each change: a worker applies a decision once."""
+    champion: ServedVersion
+    challenger: ServedVersion | None = None
+    canary_percent: float = Field(default=0.0, ge=0.0, le=100.0)
+    """Share of the jobs without a pin that the challenger serves."""
+    shadow: bool = False
+    """The challenger also runs on the champion's batches, off the result path."""
+    previous: ServedVersion | None = None
+    """The champion before this one: what `rollback` restores."""
+    decided_at: float
+
+
+class ServingStatus(BaseModel):
+    """How a worker process applies the serving decision (in its state and the health
+    report)."""
+
+    generation: int = -1
+    """The last decision applied; -1: none (the plain model directory)."""
+    challenger_version: str | None = None
+    canary_percent: float = 0.0
+    shadow: bool = False
+    loaded_versions: list[str] = Field(default_factory=list)
+    error: str | None = None
+    """Why the last decision was not applied (the previous versions kept serving)."""
+    shadow_rows: int = 0
+    shadow_mean_abs_diff: float | None = None
+    shadow_p99_abs_diff: float | None = None
+
+
 class LatencySummary(BaseModel):
     count: int
     p50_ms: float | None
@@ -254,6 +338,8 @@ class WorkerState(_Serving):
     updated_at: float
     recent_task_ms: list[float] = Field(default_factory=list)
     """Recent task times (ms), newest last, bounded; the health task merges them."""
+    serving: ServingStatus | None = None
+    """Versions, canary and shadow, once a serving decision is applied."""
 
 
 class WorkerHealth(_Serving):
@@ -264,6 +350,9 @@ class WorkerHealth(_Serving):
     latency: LatencySummary
     uptime_s: float
     last_seen_s: float
+    serving: ServingStatus | None = None
+    """Its processes' serving statuses merged: the oldest generation, the first error, every
+    loaded version, shadow rows summed (mean weighted by rows, the largest p99)."""
 
 
 class HealthReport(BaseModel):

@@ -27,7 +27,16 @@ from contract.schemas import (
     PredictRequest,
 )
 from producer.connections import async_redis_client
-from producer.core import LIMITED_PUSH, Batch, ClientCore, Poll, TaskStatus, parse, raise_for
+from producer.core import (
+    LIMITED_PUSH,
+    Batch,
+    ClientCore,
+    Poll,
+    TaskStatus,
+    parse,
+    raise_for,
+    routed,
+)
 from producer.settings import ProducerSettings
 
 log = logging.getLogger(__name__)
@@ -152,9 +161,19 @@ class AsyncClient(ClientCore):
                 await self.send(job.task, job.kwargs, job.queue, task_id=task_id)
         return lost
 
-    async def submit(self, features: Sequence[float], queue: str = "cpu") -> str:
+    async def submit(
+        self,
+        features: Sequence[float],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
+        """`model_version` pins the version (or alias) that serves the job; `routing_key`
+        keeps a canary split sticky per entity (docs/registry.md)."""
         info = await self.model_info(queue)
-        request = parse(PredictRequest, {"features": list(features)}, info)
+        kwargs = routed({"features": list(features)}, model_version, routing_key)
+        request = parse(PredictRequest, kwargs, info)
         return await self.send(TASK_PREDICT, request.model_dump(), queue)
 
     async def submit_many(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> list[str]:
@@ -163,22 +182,47 @@ class AsyncClient(ClientCore):
         requests = [parse(PredictRequest, {"features": list(r)}, info) for r in rows]
         return await self.send_many(TASK_PREDICT, [r.model_dump() for r in requests], queue)
 
-    async def submit_batch(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
+    async def submit_batch(
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
         info = await self.model_info(queue)
-        request = parse(BatchRequest, {"rows": [list(r) for r in rows]}, info)
+        kwargs = routed({"rows": [list(r) for r in rows]}, model_version, routing_key)
+        request = parse(BatchRequest, kwargs, info)
         return await self.send(TASK_PREDICT_BATCH, request.model_dump(), queue)
 
-    async def submit_explain(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
+    async def submit_explain(
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
         """An inference.explain job for `rows` (sent to the row lane); its id."""
         info = await self.model_info(queue)
-        request = parse(ExplainRequest, {"rows": [list(r) for r in rows]}, info)
+        kwargs = routed({"rows": [list(r) for r in rows]}, model_version, routing_key)
+        request = parse(ExplainRequest, kwargs, info)
         return await self.send(TASK_EXPLAIN, request.model_dump(exclude_none=True), queue)
 
     async def explain(
-        self, rows: Sequence[Sequence[float]], queue: str = "cpu", timeout: float | None = None
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        timeout: float | None = None,
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
     ) -> list[Explanation]:
         """Each row's prediction and SHAP contributions, named by feature (Client.explain)."""
-        result = await self.wait(await self.submit_explain(rows, queue), timeout)
+        task_id = await self.submit_explain(
+            rows, queue, model_version=model_version, routing_key=routing_key
+        )
+        result = await self.wait(task_id, timeout)
         return ExplainResult.model_validate(result).explanations()
 
     async def submit_batch_f32(self, rows_f32: str, n_features: int, queue: str = "cpu") -> str:

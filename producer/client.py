@@ -43,6 +43,7 @@ from producer.core import (
     parse,
     raise_for,
     resolve_queue,
+    routed,
     status_from_meta,
 )
 from producer.settings import ProducerSettings
@@ -146,8 +147,18 @@ class Client(ClientCore):
                 self.send(job.task, job.kwargs, job.queue, task_id=task_id)
         return lost
 
-    def submit(self, features: Sequence[float], queue: str = "cpu") -> str:
-        request = parse(PredictRequest, {"features": list(features)}, self.model_info(queue))
+    def submit(
+        self,
+        features: Sequence[float],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
+        """`model_version` pins the version (or alias) that serves the job; `routing_key`
+        keeps a canary split sticky per entity (docs/registry.md)."""
+        kwargs = routed({"features": list(features)}, model_version, routing_key)
+        request = parse(PredictRequest, kwargs, self.model_info(queue))
         return self.send(TASK_PREDICT, request.model_dump(), queue)
 
     def submit_many(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> list[str]:
@@ -156,8 +167,16 @@ class Client(ClientCore):
         requests = [parse(PredictRequest, {"features": list(r)}, info) for r in rows]
         return self.send_many(TASK_PREDICT, [r.model_dump() for r in requests], queue)
 
-    def submit_batch(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
-        request = parse(BatchRequest, {"rows": [list(r) for r in rows]}, self.model_info(queue))
+    def submit_batch(
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
+        kwargs = routed({"rows": [list(r) for r in rows]}, model_version, routing_key)
+        request = parse(BatchRequest, kwargs, self.model_info(queue))
         return self.send(TASK_PREDICT_BATCH, request.model_dump(), queue)
 
     def submit_batch_f32(self, rows_f32: str, n_features: int, queue: str = "cpu") -> str:
@@ -166,17 +185,35 @@ class Client(ClientCore):
         request = parse(BatchRequest, kwargs, self.model_info(queue))
         return self.send(TASK_PREDICT_BATCH, request.model_dump(exclude_none=True), queue)
 
-    def submit_explain(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
-        """An inference.explain job for `rows` (sent to the row lane); its id."""
-        request = parse(ExplainRequest, {"rows": [list(r) for r in rows]}, self.model_info(queue))
+    def submit_explain(
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
+        """An inference.explain job for `rows` (sent to the row lane); its id. It is
+        explained by the version that serves it, chosen as for submit_batch."""
+        kwargs = routed({"rows": [list(r) for r in rows]}, model_version, routing_key)
+        request = parse(ExplainRequest, kwargs, self.model_info(queue))
         return self.send(TASK_EXPLAIN, request.model_dump(exclude_none=True), queue)
 
     def explain(
-        self, rows: Sequence[Sequence[float]], queue: str = "cpu", timeout: float | None = None
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        timeout: float | None = None,
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
     ) -> list[Explanation]:
         """Each row's prediction and SHAP contributions, named by feature; the job's error
         raised (ExplainUnavailable when the workers cannot explain)."""
-        result = self.wait(self.submit_explain(rows, queue), timeout)
+        task_id = self.submit_explain(
+            rows, queue, model_version=model_version, routing_key=routing_key
+        )
+        result = self.wait(task_id, timeout)
         return ExplainResult.model_validate(result).explanations()
 
     # -- results ---------------------------------------------------------------------------

@@ -103,6 +103,14 @@ def parse(model: type[M], kwargs: dict[str, Any], info: ModelInfo | None) -> M:
     )
 
 
+def routed(
+    kwargs: dict[str, Any], model_version: str | None, routing_key: str | None
+) -> dict[str, Any]:
+    """`kwargs` plus a version pin and a routing key, those that are set."""
+    extra = {"model_version": model_version, "routing_key": routing_key}
+    return {**kwargs, **{k: v for k, v in extra.items() if v is not None}}
+
+
 @dataclass
 class Batch:
     """Messages of one task bound for one queue, built and not yet pushed."""

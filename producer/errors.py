@@ -24,6 +24,7 @@ from contract.errors import (
     TaskFailed,
     TooManyRows,
     TransientError,
+    UnknownModelVersion,
 )
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "TaskFailed",
     "TooManyRows",
     "TransientError",
+    "UnknownModelVersion",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from contract.schemas import ServedVersion
 from stack.processes import CeleryProcess, wait_ready
 from training.artifact import Manifest
 
@@ -61,3 +62,20 @@ def serving(
     finally:
         proc.stop()
         state.close()
+
+
+def served_version(version_dir: Path, registry_version: str | None = None) -> ServedVersion:
+    """A version directory as a serving decision names it (no registry needed)."""
+    from training.artifact import load_manifest
+    from training.fetch import file_hashes
+
+    _, manifest = load_manifest(
+        version_dir.parent.parent, version_dir.parent.name, version_dir.name
+    )
+    return ServedVersion(
+        version=manifest.version,
+        registry_version=registry_version,
+        location=str(version_dir),
+        sha256=file_hashes(str(version_dir)),
+        n_features=manifest.n_features,
+    )

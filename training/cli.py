@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import redis
 from pydantic import ValidationError
 
-from contract.errors import DataError, TrainingError
+from contract.errors import DataError, InferenceError, TrainingError
+
+if TYPE_CHECKING:
+    from training.train import TrainOutcome
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -103,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-benchmark", action="store_true", help="skip the latency/throughput printout"
     )
     run.add_argument(
+        "--register",
+        action="store_true",
+        help="log the run and register the version in the model registry (MLflow); "
+        "implied by MLFLOW_TRACKING_URI",
+    )
+    run.add_argument(
+        "--promote-if-better",
+        action="store_true",
+        help="register, then promote unless the champion scores better on the same held-out "
+        "rows (INFERENCE_PROMOTE_TOLERANCE); otherwise make it the challenger",
+    )
+    run.add_argument(
         "--tradeoff",
         action="store_true",
         help="print size/accuracy/speed for several max_depth values; publish nothing",
@@ -125,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from training.registry_cli import COMMANDS
+
+    if any(arg in COMMANDS for arg in argv):
+        from training import registry_cli
+
+        return registry_cli.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -184,6 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  explanations: base value {manifest.base_value:.6g}")
     for line in importance_lines(manifest.feature_names, manifest.importances):
         print(line)
+    if args.register or args.promote_if_better or os.environ.get("MLFLOW_TRACKING_URI"):
+        try:
+            _register(outcome, args.model_dir, gate=args.promote_if_better)
+        except (InferenceError, redis.RedisError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     if not args.no_benchmark:
         from training.bench import record_goals
 
@@ -203,6 +234,27 @@ def importance_lines(features: list[str], importances: dict[str, dict[str, float
         cells = "  ".join(f"{importances[k].get(feature, float('nan')):>24.4g}" for k in kinds)
         lines.append(f"  {feature:>11}: {cells}")
     return lines
+
+
+def _register(outcome: TrainOutcome, model_dir: Path, *, gate: bool) -> None:
+    from training.registry import Registry
+    from training.settings import RegistrySettings
+
+    settings = RegistrySettings()
+    registry = Registry(settings, model_dir)
+    if not gate:
+        version = registry.register(outcome.version_dir, outcome.manifest)
+        print(f"registered {outcome.manifest.name} version {version.number}")
+        return
+    from training.gate import run_gate
+
+    client = redis.Redis.from_url(settings.decision_url)
+    try:
+        result = run_gate(registry, client, outcome, settings.promote_tolerance)
+    finally:
+        client.close()
+    verdict = "promoted to champion" if result.promoted else "kept as challenger"
+    print(f"version {result.candidate.number} {verdict}: {result.reason}")
 
 
 def _describe(error: object) -> str:

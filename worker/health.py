@@ -10,10 +10,17 @@ from typing import Literal
 import redis
 
 from contract.names import HEALTH_REPORT_KEY, bucket_low
-from contract.schemas import HealthReport, LatencySummary, WorkerHealth, WorkerState
+from contract.schemas import HealthReport, LatencySummary, ServingStatus, WorkerHealth, WorkerState
 from producer.health import format_health, live_states, queue_depths
 
-__all__ = ["build_report", "live_states", "log_report", "queue_depths", "store_report"]
+__all__ = [
+    "build_report",
+    "live_states",
+    "log_report",
+    "merge_serving",
+    "queue_depths",
+    "store_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +57,30 @@ def group_by_worker(states: list[WorkerState], now: float) -> list[WorkerHealth]
                 batch_sizes=_merge_counts([s.batch_sizes for s in procs]),
                 uptime_s=round(now - first.started_at, 1),
                 last_seen_s=round(now - max(s.updated_at for s in procs), 1),
+                serving=merge_serving([s.serving for s in procs if s.serving is not None]),
             )
         )
     return workers
+
+
+def merge_serving(statuses: list[ServingStatus]) -> ServingStatus | None:
+    if not statuses:
+        return None
+    rows = sum(s.shadow_rows for s in statuses)
+    weighted = sum(s.shadow_rows * (s.shadow_mean_abs_diff or 0.0) for s in statuses)
+    p99s = [s.shadow_p99_abs_diff for s in statuses if s.shadow_p99_abs_diff is not None]
+    oldest = min(statuses, key=lambda s: s.generation)
+    return ServingStatus(
+        generation=oldest.generation,
+        challenger_version=oldest.challenger_version,
+        canary_percent=oldest.canary_percent,
+        shadow=oldest.shadow,
+        loaded_versions=sorted({v for s in statuses for v in s.loaded_versions}),
+        error=next((s.error for s in statuses if s.error), None),
+        shadow_rows=rows,
+        shadow_mean_abs_diff=round(weighted / rows, 6) if rows else None,
+        shadow_p99_abs_diff=max(p99s) if p99s else None,
+    )
 
 
 def build_report(

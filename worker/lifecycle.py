@@ -33,10 +33,11 @@ from contract.names import QUEUE_CPU, row_queue
 from producer.connections import RedisUnreachable, check_redis
 from producer.settings import redact
 from worker import heap, metrics, monitoring, observe, runtime
+from worker.decisions import check_served_artifact
 from worker.events import EventsSwitch
 from worker.guards import MESSAGE_BYTES_HEADER, bound_decompression
 from worker.lane.server import RowLane
-from worker.model import CUDA, check_provider, resolve_artifact
+from worker.model import CUDA, check_provider
 from worker.observe import LaneObserver
 from worker.settings import WorkerSettings, load
 
@@ -100,7 +101,8 @@ def _check_and_maybe_load(sender: Any, **_: Any) -> None:
     _check_redis(settings)
     try:
         provider = check_provider(settings)
-        manifest = resolve_artifact(settings, provider)[0]
+        # The serving decision's champion when there is one, else the model directory's.
+        manifest = check_served_artifact(settings, provider)
     except StartupError as exc:
         _refuse(str(exc))
     _start_monitoring(sender, settings, manifest.name, manifest.version, provider)

@@ -96,7 +96,9 @@ def observe_many(histogram: Any, amounts: Iterable[float], times: int = 1) -> No
 
 
 class Recorder:
-    """This process's metrics, labelled with the model it serves."""
+    """This process's metrics, labelled with the model version that served each job; jobs
+    no version served (refused, revoked, failed before one was chosen) are labelled with the
+    version serving by default (the champion), which follows hot swaps (serve())."""
 
     def __init__(self, model: str, version: str, device: str) -> None:
         from prometheus_client import Counter, Gauge, Histogram
@@ -175,18 +177,37 @@ class Recorder:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def ended(self, queue: str, task: str, outcome: str, jobs: int = 1, rows: int = 0) -> None:
+    def _labels(self, version: str | None) -> tuple[str, str, str]:
+        if version is None or version == self.model[1]:
+            return self.model
+        return (self.model[0], version, self.model[2])
+
+    def serve(self, version: str) -> None:
+        """`version` now serves by default (a hot swap moved the champion)."""
+        if version != self.model[1]:
+            self.model = (self.model[0], version, self.model[2])
+
+    def ended(
+        self,
+        queue: str,
+        task: str,
+        outcome: str,
+        jobs: int = 1,
+        rows: int = 0,
+        version: str | None = None,
+    ) -> None:
+        labels = self._labels(version)
         if jobs:
-            self._child(self.jobs, queue, task, *self.model, outcome).inc(jobs)
+            self._child(self.jobs, queue, task, *labels, outcome).inc(jobs)
         if rows:
-            self._child(self.rows, queue, *self.model, outcome).inc(rows)
+            self._child(self.rows, queue, *labels, outcome).inc(rows)
 
     def waited(self, queue: str, seconds: Sequence[float]) -> None:
         if seconds:
             observe_many(self._child(self.queue_wait, queue), seconds)
 
-    def computed(self, queue: str, seconds: float) -> None:
-        self._child(self.compute, queue, *self.model).observe(seconds)
+    def computed(self, queue: str, seconds: float, version: str | None = None) -> None:
+        self._child(self.compute, queue, *self._labels(version)).observe(seconds)
 
     def took(self, queue: str, task: str, seconds: float, jobs: int = 1) -> None:
         if jobs:
@@ -195,10 +216,23 @@ class Recorder:
     def batch(self, queue: str, size: int) -> None:
         self._child(self.lane_batch, queue).observe(size)
 
-    def loaded(self, provider: str, hostname: str, load_s: float, warmup_s: float) -> None:
-        self.load_s.labels(*self.model).set(load_s)
-        self.warmup_s.labels(*self.model).set(warmup_s)
-        self.info.labels(*self.model, provider, hostname).set(1)
+    def loaded(
+        self, version: str, provider: str, hostname: str, load_s: float, warmup_s: float
+    ) -> None:
+        """`version` is loaded in this process (at start, or beside the serving one)."""
+        labels = self._labels(version)
+        self.load_s.labels(*labels).set(load_s)
+        self.warmup_s.labels(*labels).set(warmup_s)
+        self.info.labels(*labels, provider, hostname).set(1)
+
+    def unloaded(self, version: str, provider: str, hostname: str) -> None:
+        """`version` is no longer held by this process. A multiprocess gauge keeps its value
+        in this process's file, so it is set to 0 rather than removed: the collector leaves
+        the model's series out once no live process holds it (_WorkerCollector)."""
+        labels = self._labels(version)
+        self.info.labels(*labels, provider, hostname).set(0)
+        self.load_s.labels(*labels).set(0)
+        self.warmup_s.labels(*labels).set(0)
 
 
 _recorder: Recorder | None = None
@@ -257,7 +291,26 @@ class _WorkerCollector:
 
     def collect(self) -> Iterator[Any]:
         drop_dead_gauges(self.path)
-        yield from self._files.collect()
+        families = list(self._files.collect())
+        held = {
+            _model_labels(s.labels)
+            for f in families
+            if f.name == MODEL_INFO
+            for s in f.samples
+            if s.value > 0
+        }
+        for family in families:
+            if family.name in _PER_MODEL:
+                # A version every live process has let go of (a hot swap, an evicted pin).
+                family.samples = [s for s in family.samples if _model_labels(s.labels) in held]
+            yield family
+
+
+_PER_MODEL = (MODEL_INFO, MODEL_LOAD_SECONDS, MODEL_WARMUP_SECONDS)
+
+
+def _model_labels(labels: dict[str, str]) -> tuple[str | None, ...]:
+    return (labels.get("model"), labels.get("version"), labels.get("device"))
 
 
 def registry_for(path: str) -> Any:

@@ -160,11 +160,14 @@ def _checked_session(
 
 
 def _load_explainer(
-    settings: WorkerSettings, provider: str, manifest: Manifest, sample: np.ndarray
+    settings: WorkerSettings,
+    provider: str,
+    version_dir: Path,
+    manifest: Manifest,
+    sample: np.ndarray,
 ) -> Explainer | None:
     if not settings.explain or "explain" not in manifest.files or manifest.base_value is None:
         return None
-    version_dir, _ = load_manifest(settings.model_dir, settings.model_name, manifest.version)
     path = verified_model_path(version_dir, manifest, "explain")
     session, placement = _checked_session(settings, provider, path, sample[:4], manifest.input_name)
     explainer = Explainer(
@@ -176,18 +179,34 @@ def _load_explainer(
 
 
 def load_model(settings: WorkerSettings) -> LoadedModel:
-    """Verify, load, check placement and warm up the model (and its explainer) for this
-    process."""
-    began = time.perf_counter()
+    """Verify, load, check placement and warm up the configured model (and its explainer)
+    for this process."""
     provider = check_provider(settings)
-    manifest, path, variant = resolve_artifact(settings, provider)
+    version_dir, manifest = load_manifest(
+        settings.model_dir, settings.model_name, settings.model_version
+    )
+    return _load(settings, provider, version_dir, manifest)
+
+
+def load_version(settings: WorkerSettings, version_dir: Path, manifest: Manifest) -> LoadedModel:
+    """load_model for a version directory other than the configured one (worker.serving):
+    the same checks, and its own explainer."""
+    return _load(settings, check_provider(settings), version_dir, manifest)
+
+
+def _load(
+    settings: WorkerSettings, provider: str, version_dir: Path, manifest: Manifest
+) -> LoadedModel:
+    began = time.perf_counter()
+    variant: Variant = "gpu" if provider == CUDA else "cpu"
+    path = verified_model_path(version_dir, manifest, variant)
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((64, manifest.n_features)).astype(np.float32)
     session, placement = _checked_session(settings, provider, path, sample, manifest.input_name)
     device = f"cuda:{settings.cuda_device_id}" if provider == CUDA else "cpu"
     model = LoadedModel(manifest, session, provider, device, variant, placement)
     try:
-        model.explainer = _load_explainer(settings, provider, manifest, sample)
+        model.explainer = _load_explainer(settings, provider, version_dir, manifest, sample)
     except ProviderUnavailable as exc:
         # Predictions are what a GPU worker is for: it keeps serving them, and each explain
         # job fails with this reason instead of running on the CPU under a GPU label.

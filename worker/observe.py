@@ -67,6 +67,12 @@ def task_label(task: Any) -> str:
     return task if isinstance(task, str) and task.startswith("inference.") else OTHER_TASK
 
 
+def version_of(result: dict[str, Any] | None) -> str | None:
+    """The version that computed a result (None for a job no version served)."""
+    version = result.get("model_version") if isinstance(result, dict) else None
+    return version if isinstance(version, str) else None
+
+
 def _inference_s(result: dict[str, Any] | None) -> float | None:
     latency = result.get("latency") if isinstance(result, dict) else None
     ms = latency.get("inference_ms") if isinstance(latency, dict) else None
@@ -99,16 +105,18 @@ class LaneObserver:
         if rec is None:
             return
         elapsed = time.perf_counter() - started.perf
-        ended: dict[tuple[str, str], list[int]] = {}
+        ended: dict[tuple[str, str, str | None], list[int]] = {}
         waits = []
-        compute = None
+        # One model run per version in a batch: its inference time, by version.
+        compute: dict[str | None, float] = {}
         wall = started.wall
         for job in jobs:
             task = task_label(job.task)
             outcome = outcome_of(job)
-            tally = ended.get((task, outcome))
+            version = version_of(job.result)
+            tally = ended.get((task, outcome, version))
             if tally is None:
-                tally = ended[(task, outcome)] = [0, 0]
+                tally = ended[(task, outcome, version)] = [0, 0]
             tally[0] += 1
             tally[1] += 1 if task == TASK_PREDICT else rows_of(task, job.result)
             enqueued = job.headers.get(HEADER_ENQUEUED_AT)
@@ -119,14 +127,16 @@ class LaneObserver:
                 wait = queue_wait_ms(enqueued, wall)
                 if wait is not None:
                     waits.append(wait / 1000.0)
-            if compute is None and outcome == SUCCESS:
-                compute = _inference_s(job.result)
-        for (task, outcome), (n, rows) in ended.items():
-            rec.ended(self.queue, task, outcome, n, rows)
+            if outcome == SUCCESS and version not in compute:
+                seconds = _inference_s(job.result)
+                if seconds is not None:
+                    compute[version] = seconds
+        for (task, outcome, version), (n, rows) in ended.items():
+            rec.ended(self.queue, task, outcome, n, rows, version)
             rec.took(self.queue, task, elapsed, n)
         rec.waited(self.queue, waits)
-        if compute is not None:
-            rec.computed(self.queue, compute)
+        for version, seconds in compute.items():
+            rec.computed(self.queue, seconds, version)
         if taken:
             rec.batch(self.queue, taken)
 
@@ -189,7 +199,9 @@ def _postrun(
     else:
         outcome = FAILURE
     result = retval if outcome == SUCCESS else None
-    rec.ended(queue, name, outcome, 1, rows_of(name, result) if name in _ROW_TASKS else 0)
+    version = version_of(result)
+    rows = rows_of(name, result) if name in _ROW_TASKS else 0
+    rec.ended(queue, name, outcome, 1, rows, version)
     if began is not None:
         rec.took(queue, name, time.perf_counter() - began)
     wait = queue_wait_ms(getattr(request, HEADER_ENQUEUED_AT, None), time.time())
@@ -199,7 +211,7 @@ def _postrun(
         rec.waited(queue, [wait_s])
     compute = _inference_s(result)
     if compute is not None:
-        rec.computed(queue, compute)
+        rec.computed(queue, compute, version)
 
 
 def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:

@@ -9,14 +9,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import redis
 
 from contract.errors import ModelNotReady
 from contract.names import model_info_key
-from contract.schemas import ModelInfo, WorkerState
+from contract.schemas import ModelInfo, ServingDecision, WorkerState
 from producer.connections import redis_client
+from training.fetch import fetch_version
 from worker import metrics
-from worker.model import LoadedModel, load_model
+from worker.decisions import DecisionWatcher, read_decision
+from worker.model import LoadedModel, load_model, load_version
+from worker.serving import Serving
 from worker.settings import WorkerSettings
 from worker.stats import Heartbeat, ProcessStats
 
@@ -27,8 +32,17 @@ log = logging.getLogger(__name__)
 class Runtime:
     settings: WorkerSettings
     model: LoadedModel
+    """The champion: replaced (not changed) when a serving decision moves it."""
     stats: ProcessStats
     heartbeat: Heartbeat
+    serving: Serving | None = None
+    """The versions of the serving decision; None when decisions are off."""
+    watcher: DecisionWatcher | None = None
+    hostname: str = ""
+    queues: list[str] = field(default_factory=list)
+    client: redis.Redis | None = None
+    recorded: set[str] = field(default_factory=set)
+    """The versions whose load the metrics have recorded as held by this process."""
 
 
 _current: Runtime | None = None
@@ -44,10 +58,10 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
     global _current
     if _current is not None and _current.heartbeat is not None:
         return _current
-    model = load_model(settings)
-    recorder = metrics.start_recording(model.manifest.name, model.manifest.version, model.device)
-    if recorder is not None:
-        recorder.loaded(model.provider, hostname, model.load_s, model.warmup_s)
+    client = redis_client(settings.backend, settings)
+    decision = read_decision(client, settings.model_name) if settings.serving_decisions else None
+    model = load_model(settings) if decision is None else load_champion(settings, decision)
+    metrics.start_recording(model.manifest.name, model.manifest.version, model.device)
     now = time.time()
     stats = ProcessStats(
         WorkerState(
@@ -63,7 +77,35 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
             updated_at=now,
         )
     )
-    client = redis_client(settings.backend, settings)
+    _publish_info(client, settings, model, queues)
+    heartbeat = Heartbeat(client, stats, settings.heartbeat_s)
+    rt = Runtime(settings, model, stats, heartbeat, hostname=hostname, queues=queues, client=client)
+    _record_loaded(rt)
+    if settings.serving_decisions:
+        rt.serving = Serving(settings, model)
+        if decision is not None:
+            rt.serving.apply(decision)
+        rt.watcher = DecisionWatcher(client, rt.serving, lambda: _follow(rt))
+        _follow(rt)
+    heartbeat.start()
+    if rt.watcher is not None:
+        rt.watcher.start()
+    _current = rt
+    return _current
+
+
+def load_champion(settings: WorkerSettings, decision: ServingDecision) -> LoadedModel:
+    """The champion of a serving decision, fetched, checked and loaded."""
+    version_dir, manifest = fetch_version(
+        decision.champion, settings.model_cache_dir, settings.model_name
+    )
+    return load_version(settings, version_dir, manifest)
+
+
+def _publish_info(
+    client: redis.Redis, settings: WorkerSettings, model: LoadedModel, queues: list[str]
+) -> None:
+    """The champion's description (`python -m producer model-info`), on every queue served."""
     info = ModelInfo(
         name=model.manifest.name,
         version=model.manifest.version,
@@ -77,14 +119,45 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
     )
     for queue in queues:
         client.set(model_info_key(queue), info.model_dump_json())
-    heartbeat = Heartbeat(client, stats, settings.heartbeat_s)
-    heartbeat.start()
-    _current = Runtime(settings, model, stats, heartbeat)
-    return _current
+
+
+def _record_loaded(rt: Runtime) -> None:
+    """The metrics' model info, load and warm-up times follow the versions this process
+    holds: each newly loaded one recorded once, each one let go of marked gone."""
+    recorder = metrics.current()
+    if recorder is None:
+        return
+    held = {rt.model.manifest.version: rt.model}
+    if rt.serving is not None:
+        held.update(rt.serving.loaded())
+    recorder.serve(rt.model.manifest.version)
+    for version, model in held.items():
+        if version not in rt.recorded:
+            recorder.loaded(version, model.provider, rt.hostname, model.load_s, model.warmup_s)
+    for version in rt.recorded - held.keys():
+        recorder.unloaded(version, rt.model.provider, rt.hostname)
+    rt.recorded = set(held)
+
+
+def _follow(rt: Runtime) -> None:
+    """Point the runtime and its published state at what the serving decision serves."""
+    assert rt.serving is not None
+    champion = rt.serving.arms.champion
+    if champion is not rt.model:
+        rt.model = champion
+        try:
+            if rt.client is not None:
+                _publish_info(rt.client, rt.settings, champion, rt.queues)
+        except redis.RedisError as exc:
+            log.warning("cannot publish the model info of %s: %s", champion.manifest.version, exc)
+    rt.stats.serving(rt.model.manifest.version, rt.serving.status())
+    _record_loaded(rt)
 
 
 def stop() -> None:
     global _current
     if _current is not None:
+        if _current.watcher is not None:
+            _current.watcher.stop()
         _current.heartbeat.stop()
         _current = None

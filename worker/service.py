@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from contract.errors import InferenceError, PredictionFailed
+from contract.errors import InferenceError, PredictionFailed, UnknownModelVersion
 from contract.schemas import (
     BatchRequest,
     BatchResult,
@@ -27,6 +27,7 @@ from contract.schemas import (
     parse_request,
 )
 from worker.explainer import unavailable
+from worker.model import LoadedModel
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ class Job:
     """The producer's enqueued_at header, if any (checked here, not trusted)."""
     hostname: str
     """The worker's name, for the result."""
+    task_id: str = ""
+    pin: Any = None
+    """The model_version header, if any (a kwarg of that name wins)."""
+    routing_key: Any = None
+    """The routing_key header, if any (a kwarg of that name wins)."""
 
 
 def queue_wait_ms(enqueued_at: Any, started_at: float) -> float | None:
@@ -81,15 +87,31 @@ def parse(rt: Runtime, model: type[M], args: tuple[Any, ...], kwargs: dict[str, 
     )
 
 
-def _model_fields(rt: Runtime, hostname: str) -> dict[str, Any]:
+def choose(rt: Runtime, pin: Any, routing_key: Any, job_id: str) -> tuple[LoadedModel, str | None]:
+    """The version that serves a job, and its arm (None without serving decisions). Read
+    once per job (or batch of rows): a swap between two reads cannot mix versions."""
+    if rt.serving is None:
+        if pin is not None and pin != rt.model.manifest.version:
+            raise UnknownModelVersion(
+                f"model version {str(pin)[:128]!r} is not served here "
+                f"(this worker serves {rt.model.manifest.version} only)"
+            )
+        return rt.model, None
+    pin = pin if isinstance(pin, str) and pin else None
+    key = routing_key if isinstance(routing_key, str) and routing_key else None
+    return rt.serving.choose(pin, key, job_id)
+
+
+def _model_fields(model: LoadedModel, arm: str | None, hostname: str) -> dict[str, Any]:
     """What every result carries besides its predictions and latency."""
-    manifest = rt.model.manifest
+    manifest = model.manifest
     return {
         "model_name": manifest.name,
         "model_version": manifest.version,
-        "provider": rt.model.provider,
-        "device": rt.model.device,
+        "provider": model.provider,
+        "device": model.device,
         "hostname": hostname,
+        "arm": arm,
     }
 
 
@@ -108,22 +130,25 @@ def predict_rows(
     enqueued_at: Sequence[Any],
     hostname: str,
     started: Started,
+    model: LoadedModel | None = None,
+    arm: str | None = None,
 ) -> list[dict[str, Any] | InferenceError]:
     """Single-row jobs predicted together, with one onnxruntime call: each job's result
     document, or its error. Should that call raise, each row is run alone, so a row the model
     fails on fails alone (PredictionFailed) and the others are served."""
+    model = model or rt.model
     matrix = np.asarray(rows, dtype=np.float32)
     t0 = time.perf_counter()
     outcome: list[float | InferenceError]
     try:
-        outcome = list(rt.model.predict(matrix).astype(np.float64).tolist())
+        outcome = list(model.predict(matrix).astype(np.float64).tolist())
     except Exception:
         if len(rows) > 1:
             log.exception("a batch of %d rows failed; running them one by one", len(rows))
-        outcome = [_predict_alone(rt, row) for row in matrix]
+        outcome = [_predict_alone(model, row) for row in matrix]
     inference_ms = (time.perf_counter() - t0) * 1000.0
     served = sum(1 for o in outcome if not isinstance(o, InferenceError))
-    fields = _model_fields(rt, hostname)
+    fields = _model_fields(model, arm, hostname)
     results: list[dict[str, Any] | InferenceError] = []
     for value, enqueued in zip(outcome, enqueued_at, strict=True):
         if isinstance(value, InferenceError):
@@ -137,11 +162,18 @@ def predict_rows(
     return results
 
 
-def _predict_alone(rt: Runtime, row: np.ndarray) -> float | InferenceError:
+def _predict_alone(model: LoadedModel, row: np.ndarray) -> float | InferenceError:
     try:
-        return float(rt.model.predict(row[None, :])[0])
+        return float(model.predict(row[None, :])[0])
     except Exception as exc:
         return PredictionFailed(f"inference failed: {exc}")
+
+
+def _choose_for(
+    rt: Runtime, request: PredictRequest | BatchRequest, job: Job
+) -> tuple[LoadedModel, str | None]:
+    pin = request.model_version or job.pin
+    return choose(rt, pin, request.routing_key or job.routing_key, job.task_id)
 
 
 def predict_one(rt: Runtime, job: Job) -> dict[str, Any]:
@@ -149,10 +181,13 @@ def predict_one(rt: Runtime, job: Job) -> dict[str, Any]:
     started = Started.now()
     try:
         request = parse(rt, PredictRequest, job.args, job.kwargs)
+        model, arm = _choose_for(rt, request, job)
     except Exception:
         rt.stats.failed()
         raise
-    (result,) = predict_rows(rt, [request.features], [job.enqueued_at], job.hostname, started)
+    (result,) = predict_rows(
+        rt, [request.features], [job.enqueued_at], job.hostname, started, model, arm
+    )
     if isinstance(result, InferenceError):
         raise result
     return result
@@ -163,10 +198,11 @@ def predict_batch(rt: Runtime, job: Job) -> dict[str, Any]:
     started = Started.now()
     try:
         request = parse(rt, BatchRequest, job.args, job.kwargs)
+        model, arm = _choose_for(rt, request, job)
         # rows_f32 is decoded and checked whole (numpy), with no per-value validation.
         matrix = request.matrix()
         t0 = time.perf_counter()
-        out = rt.model.predict(matrix)
+        out = model.predict(matrix)
         inference_ms = (time.perf_counter() - t0) * 1000.0
     except Exception:
         rt.stats.failed()
@@ -180,7 +216,7 @@ def predict_batch(rt: Runtime, job: Job) -> dict[str, Any]:
         predictions_f32=encode_f32(out) if compact else None,
         rows=len(out),
         latency=latency,
-        **_model_fields(rt, job.hostname),
+        **_model_fields(model, arm, job.hostname),
     )
     return result.model_dump(exclude={"predictions" if compact else "predictions_f32"})
 
@@ -194,39 +230,64 @@ def explain(rt: Runtime, job: Job) -> dict[str, Any]:
 
 
 def explain_many(rt: Runtime, jobs: Sequence[Job]) -> list[dict[str, Any] | InferenceError]:
-    """inference.explain jobs explained together, with one pass of the explanation graph
-    over all their rows (it costs ~1 ms a row, far more per call than the model): each job's
+    """inference.explain jobs explained together: each job served by the version it is
+    routed to (as a batch job is), with one pass of that version's explanation graph over
+    all its jobs' rows (it costs ~1 ms a row, far more per call than the model): each job's
     result document, or its error."""
     started = Started.now()
-    explainer = rt.model.explainer
     outcomes: list[Any] = []
-    for job in jobs:
+    groups: dict[int, tuple[LoadedModel, str | None, list[int]]] = {}
+    for i, job in enumerate(jobs):
         try:
-            if explainer is None:
-                raise unavailable(rt.model.manifest, rt.settings, rt.model.explain_refused)
-            outcomes.append(parse(rt, ExplainRequest, job.args, job.kwargs).matrix())
+            request = parse(rt, ExplainRequest, job.args, job.kwargs)
+            model, arm = _choose_for(rt, request, job)
+            if model.explainer is None:
+                raise unavailable(model.manifest, rt.settings, model.explain_refused)
+            outcomes.append(request.matrix())
         except InferenceError as exc:
             rt.stats.failed()
             outcomes.append(exc)
-    matrices = [m for m in outcomes if isinstance(m, np.ndarray)]
-    if not matrices or explainer is None:
-        return outcomes
-    rows = np.concatenate(matrices)
+            continue
+        groups.setdefault(id(model), (model, arm, []))[2].append(i)
+    hostname = jobs[0].hostname if jobs else ""
+    for model, arm, members in groups.values():
+        _explain_group(
+            rt, model, arm, hostname, started, [jobs[i] for i in members], members, outcomes
+        )
+    return outcomes
+
+
+def _explain_group(
+    rt: Runtime,
+    model: LoadedModel,
+    arm: str | None,
+    hostname: str,
+    started: Started,
+    jobs: Sequence[Job],
+    members: Sequence[int],
+    outcomes: list[Any],
+) -> None:
+    """The jobs at `members` of `outcomes` (their row matrices), explained by `model`;
+    their outcomes replaced by result documents or errors."""
+    explainer = model.explainer
+    assert explainer is not None
+    rows = np.concatenate([outcomes[i] for i in members])
     t0 = time.perf_counter()
     try:
-        predictions = rt.model.predict(rows).astype(np.float64)
+        predictions = model.predict(rows).astype(np.float64)
         contributions = explainer.explain(rows)
     except Exception as exc:
-        log.exception("explaining %d row(s) of %d job(s) failed", len(rows), len(matrices))
+        log.exception("explaining %d row(s) of %d job(s) failed", len(rows), len(members))
         failed = PredictionFailed(f"explanation failed: {exc}")
-        return [failed if isinstance(o, np.ndarray) else o for o in outcomes]
+        for i in members:
+            rt.stats.failed()
+            outcomes[i] = failed
+        return
     inference_ms = (time.perf_counter() - t0) * 1000.0
-    fields = _model_fields(rt, jobs[0].hostname if jobs else "")
+    fields = _model_fields(model, arm, hostname)
     offset = 0
-    for i, (job, outcome) in enumerate(zip(jobs, outcomes, strict=True)):
-        if not isinstance(outcome, np.ndarray):
-            continue
-        n = len(outcome)
+    for i, job in zip(members, jobs, strict=True):
+        n = len(outcomes[i])
         latency = _latency(job.enqueued_at, started, inference_ms)
         rt.stats.succeeded(latency.task_ms, n)
         result = ExplainResult(
@@ -240,4 +301,3 @@ def explain_many(rt: Runtime, jobs: Sequence[Job]) -> list[dict[str, Any] | Infe
         )
         outcomes[i] = result.model_dump()
         offset += n
-    return outcomes

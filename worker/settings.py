@@ -7,6 +7,7 @@ module, a signal handler or a task needs them.
 from __future__ import annotations
 
 import functools
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -121,6 +122,27 @@ class WorkerSettings(ConnectionSettings):
 
     metrics_addr: str = "0.0.0.0"
     """Address the metrics port is bound to."""
+
+    serving_decisions: bool = True
+    """Serve what `python -m training promote` decided (a decision in Redis, checked at start
+    and whenever it changes) rather than the model directory; without a decision in Redis
+    the model directory is served, as with False."""
+
+    serving_poll_s: float = Field(default=1.0, gt=0, le=60)
+    """Seconds between two reads of the serving decision, the backstop of its pub/sub
+    notice: a change missed by both is applied within this."""
+
+    model_cache_dir: Path = Path(tempfile.gettempdir()) / "inference-models"
+    """Where the versions named by serving decisions are fetched to (checked, then renamed
+    into place), <model_cache_dir>/<name>/<version>/."""
+
+    max_pinned_versions: int = Field(default=3, ge=0, le=32)
+    """Versions kept loaded for jobs that pin one (least recently used dropped first),
+    besides the champion and challenger."""
+
+    shadow_max_share: float = Field(default=0.2, ge=0.0, le=1.0)
+    """Most of a process's time spent running the challenger in shadow: above it, batches
+    are served without their shadow run."""
 
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> WorkerSettings:

@@ -16,7 +16,7 @@ from collections import Counter, deque
 import redis
 
 from contract.names import batch_bucket, worker_state_key
-from contract.schemas import WorkerState
+from contract.schemas import ServingStatus, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,13 @@ class ProcessStats:
     def failed(self) -> None:
         with self._lock:
             self._failed += 1
+
+    def serving(self, model_version: str, status: ServingStatus) -> None:
+        """What the process serves now (after a serving decision)."""
+        with self._lock:
+            self._base = self._base.model_copy(
+                update={"model_version": model_version, "serving": status}
+            )
 
     def snapshot(self) -> WorkerState:
         with self._lock:

@@ -15,6 +15,8 @@ from celery import Task, shared_task
 from contract.errors import MessageTooLarge, ModelNotReady, PermanentError, TransientError
 from contract.names import (
     HEADER_ENQUEUED_AT,
+    HEADER_MODEL_VERSION,
+    HEADER_ROUTING_KEY,
     TASK_EXPLAIN,
     TASK_HEALTH,
     TASK_NOOP,
@@ -60,7 +62,13 @@ _POLICY: dict[str, Any] = {
 def _job(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> service.Job:
     request = task.request
     return service.Job(
-        args, kwargs, getattr(request, HEADER_ENQUEUED_AT, None), request.hostname or ""
+        args,
+        kwargs,
+        getattr(request, HEADER_ENQUEUED_AT, None),
+        request.hostname or "",
+        request.id or "",
+        getattr(request, HEADER_MODEL_VERSION, None),
+        getattr(request, HEADER_ROUTING_KEY, None),
     )
 
 

@@ -64,6 +64,10 @@ class BenchConfig:
     seed: int = 0
     noop_probe_s: float = 5.0
     worker_loglevel: str = "INFO"
+    serving_decision: bool = False
+    """With --embedded: publish a serving decision naming the trained version before the
+    worker starts, so that it starts from the decision (fetch into an empty cache, check,
+    load), as workers of a model registry do."""
     quick: bool = False
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from contract.errors import BenchError, TrainingError
+from contract.schemas import ServedVersion, ServingDecision
 from producer.client import resolve_queue
 from producer.settings import ProducerSettings
 from stack.bench.config import BenchConfig
@@ -22,6 +23,9 @@ from stack.bench.report import cpu_cores
 from stack.embedded_redis import EmbeddedRedis
 from stack.processes import celery_env, wait_ready, worker_process
 from training import ensure as training_ensure
+from training.artifact import load_manifest
+from training.fetch import file_hashes
+from training.promote import publish_decision
 
 READY_TIMEOUT_S = 120.0
 
@@ -59,6 +63,7 @@ def embedded(
             model_dir=model_dir.resolve(),
             model_name=config.model_name,
             intra_op_threads=1,
+            model_cache_dir=(log_dir / "model-cache").resolve(),
         )
         # Overrides meant for a real deployment would point the worker elsewhere.
         for name in ("INFERENCE_BROKER_URL", "INFERENCE_RESULT_BACKEND", "INFERENCE_MODEL_VERSION"):
@@ -75,6 +80,9 @@ def embedded(
         )
         say(f"starting a CPU worker ({processes} prefork processes); log {log_path}")
         probe = redis.Redis.from_url(server.url)
+        if config.serving_decision:
+            _publish_decision(probe, model_dir, config.model_name)
+            say("serving decision published: the worker starts from it")
         start = time.perf_counter()
         worker.start()
         try:
@@ -96,9 +104,22 @@ def embedded(
                     "intra_op_threads": 1,
                     "loglevel": config.worker_loglevel,
                     "start_to_ready_s": ready_s,
+                    "serving_decision": config.serving_decision,
                     "training_s": training_s,
                     "log": str(log_path),
                 },
             )
         finally:
             worker.stop()
+
+
+def _publish_decision(client: redis.Redis, model_dir: Path, name: str) -> None:
+    version_dir, manifest = load_manifest(model_dir, name)
+    champion = ServedVersion(
+        version=manifest.version,
+        location=str(version_dir.resolve()),
+        sha256=file_hashes(str(version_dir.resolve())),
+        n_features=manifest.n_features,
+    )
+    decision = ServingDecision(name=name, generation=0, champion=champion, decided_at=time.time())
+    publish_decision(client, decision)

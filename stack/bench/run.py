@@ -338,6 +338,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", type=Path, default=None, help="worker log and bulk files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-loglevel", default="INFO", help="--embedded worker (as deployed)")
+    p.add_argument(
+        "--serving-decision",
+        action="store_true",
+        help="--embedded worker started from a serving decision (as promote publishes one)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import redis
 
 from contract.envelope import read_task_message
@@ -37,13 +38,22 @@ from contract.errors import (
     MessageTooLarge,
     TaskFailed,
 )
-from contract.names import HEADER_ENQUEUED_AT, TASK_EXPLAIN, TASK_PREDICT, TASK_PREDICT_BATCH
+from contract.names import (
+    HEADER_ENQUEUED_AT,
+    HEADER_MODEL_VERSION,
+    HEADER_ROUTING_KEY,
+    TASK_EXPLAIN,
+    TASK_PREDICT,
+    TASK_PREDICT_BATCH,
+)
 from contract.schemas import PredictRequest
 from worker import results, service
 from worker.lane.transport import RowTransport, task_id_in_ends, task_name_in_ends
 from worker.messages import body_problem, envelope_problem
+from worker.model import LoadedModel
 from worker.observe import LaneObserver
 from worker.runtime import Runtime
+from worker.serving import ARM_CHAMPION
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,17 @@ class _Job:
     refused: bool = False
     """Its message was refused before it was read as a job."""
     result: dict[str, Any] | None = None
+    model: LoadedModel | None = None
+    """The version that serves a single-row job (worker.serving), and its arm."""
+    arm: str | None = None
+
+
+def _by_version(rows: list[_Job]) -> list[list[_Job]]:
+    """Rows grouped by the version (and arm) that serves them: one model call a group."""
+    groups: dict[tuple[int, str | None], list[_Job]] = {}
+    for job in rows:
+        groups.setdefault((id(job.model), job.arm), []).append(job)
+    return list(groups.values())
 
 
 def _bare(exc: InferenceError) -> InferenceError:
@@ -187,21 +208,26 @@ class RowLane:
         rows = [j for j in jobs if j.error is None and not j.revoked and j.batch is None]
         batches = [j for j in jobs if j.error is None and not j.revoked and j.batch is not None]
         writes: list[tuple[str, str]] = []
-        if rows:
+        shadowed: list[tuple[list[float], float]] = []
+        for group in _by_version(rows):
             outcomes = service.predict_rows(
                 self.rt,
-                [j.features or [] for j in rows],
-                [j.headers.get(HEADER_ENQUEUED_AT) for j in rows],
+                [j.features or [] for j in group],
+                [j.headers.get(HEADER_ENQUEUED_AT) for j in group],
                 self.hostname,
                 started,
+                group[0].model,
+                group[0].arm,
             )
-            for job, outcome in zip(rows, outcomes, strict=True):
+            for job, outcome in zip(group, outcomes, strict=True):
                 assert job.task_id is not None  # a job without an id is refused in _read
                 if isinstance(outcome, InferenceError):
                     job.error = _bare(outcome)
                 else:
                     job.result = outcome
                     writes.append(docs.success(job.task_id, outcome))
+                    if job.arm == ARM_CHAMPION:
+                        shadowed.append((job.features or [], outcome["prediction"]))
         for job in jobs:
             if job.error is not None and job.features is None:
                 self.rt.stats.failed()  # refused unread; predict_rows counted the rest
@@ -217,6 +243,12 @@ class RowLane:
         if served:
             self._on_batch(served)
         self.observer.served([j for j in jobs if j.batch is None], started, len(jobs))
+        if shadowed and self.rt.serving is not None:
+            # After the results are written: the shadow run never delays them.
+            self.rt.serving.shadow(
+                np.asarray([f for f, _ in shadowed], dtype=np.float32),
+                np.asarray([p for _, p in shadowed], dtype=np.float64),
+            )
         explains = [j for j in batches if j.task == TASK_EXPLAIN]
         if explains:
             begun = service.Started.now()
@@ -238,8 +270,7 @@ class RowLane:
             assert job.batch is not None
             args, kwargs = job.batch
             job.batch = (args, {})  # the rows are not kept beyond their job
-            enqueued_at = job.headers.get(HEADER_ENQUEUED_AT)
-            requests.append(service.Job(args, kwargs, enqueued_at, self.hostname))
+            requests.append(self._service_job(job, args, kwargs))
         writes = []
         for job, outcome in zip(jobs, service.explain_many(self.rt, requests), strict=True):
             assert job.task_id is not None
@@ -251,15 +282,26 @@ class RowLane:
                 writes.append(docs.success(job.task_id, outcome))
         self.transport.finish(writes, [j.tag for j in jobs if j.tag])
 
+    def _service_job(self, job: _Job, args: tuple[Any, ...], kwargs: dict[str, Any]) -> service.Job:
+        """A batch or explain job as worker.service takes it: its version is chosen there,
+        from its kwargs or headers, by the same rules as on Celery's path."""
+        headers = job.headers
+        return service.Job(
+            args,
+            kwargs,
+            headers.get(HEADER_ENQUEUED_AT),
+            self.hostname,
+            job.task_id or "",
+            headers.get(HEADER_MODEL_VERSION),
+            headers.get(HEADER_ROUTING_KEY),
+        )
+
     def _serve_batch(self, job: _Job, docs: results.Documents) -> tuple[str, str]:
         assert job.batch is not None and job.task_id is not None
         args, kwargs = job.batch
         job.batch = (args, {})  # the rows are not kept beyond their job
         try:
-            enqueued_at = job.headers.get(HEADER_ENQUEUED_AT)
-            result = service.predict_batch(
-                self.rt, service.Job(args, kwargs, enqueued_at, self.hostname)
-            )
+            result = service.predict_batch(self.rt, self._service_job(job, args, kwargs))
         except InferenceError as exc:
             job.error = _bare(exc)
             return docs.failure(job.task_id, job.error)
@@ -306,7 +348,15 @@ class RowLane:
             job.task = message.task
             return job
         try:
-            job.features = service.parse(self.rt, PredictRequest, tuple(args), kwargs).features
+            request = service.parse(self.rt, PredictRequest, tuple(args), kwargs)
+            job.model, job.arm = service.choose(
+                self.rt,
+                request.model_version or message.headers.get(HEADER_MODEL_VERSION),
+                request.routing_key or message.headers.get(HEADER_ROUTING_KEY),
+                message.task_id or tag,
+            )
+            # Only once a version serves it: a job without features is counted failed here.
+            job.features = request.features
         except InferenceError as exc:
             job.error = _bare(exc)
         return job

@@ -1,0 +1,127 @@
+"""`python -m training promote | rollback | versions`: the registry's commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import redis
+
+from contract.errors import InferenceError
+from contract.names import ALIAS_CHALLENGER, ALIAS_CHAMPION
+from contract.schemas import ServingDecision
+
+COMMANDS = ("promote", "rollback", "versions", "sync")
+EXIT_FAILED = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description=(
+            "The model registry (MLflow; embedded under <model-dir>/mlflow/ unless "
+            "MLFLOW_TRACKING_URI names a server) and the serving decision workers read from "
+            "Redis (INFERENCE_REDIS_URL)."
+        ),
+    )
+    parser.add_argument("--model-dir", type=Path, default=Path("models"))
+    parser.add_argument("--name", default="friedman1", help="model name (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    promote = sub.add_parser("promote", help="serve a version (checked first)")
+    promote.add_argument("version", help="registry number, alias or artifact version")
+    promote.add_argument(
+        "--alias", choices=(ALIAS_CHAMPION, ALIAS_CHALLENGER), default=ALIAS_CHAMPION
+    )
+    promote.add_argument(
+        "--canary",
+        type=float,
+        default=0.0,
+        metavar="PERCENT",
+        help="as challenger, serving this share of the jobs that pin no version",
+    )
+    promote.add_argument(
+        "--shadow",
+        action="store_true",
+        help="as challenger, also run on the champion's batches, off the result path",
+    )
+    sub.add_parser("rollback", help="drop the challenger, or else restore the previous champion")
+    sub.add_parser("versions", help="registered versions, aliases, metrics, who serves them")
+    sync = sub.add_parser(
+        "sync", help="serve MLflow's champion alias if it was moved there (its UI, a client)"
+    )
+    sync.add_argument(
+        "--every",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep checking at this interval (default: once)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from training import promote
+    from training.registry import Registry
+    from training.settings import RegistrySettings
+
+    settings = RegistrySettings()
+    client = redis.Redis.from_url(settings.decision_url)
+    try:
+        registry = Registry(settings, args.model_dir)
+        if args.command == "promote":
+            decision = promote.promote(
+                registry,
+                client,
+                args.name,
+                args.version,
+                alias=args.alias,
+                canary_percent=args.canary,
+                shadow=args.shadow,
+            )
+            print(describe(decision))
+        elif args.command == "rollback":
+            print(describe(promote.rollback(registry, client, args.name)))
+        elif args.command == "sync":
+            while True:
+                moved = promote.sync(registry, client, args.name)
+                print(describe(moved) if moved else f"{args.name}: in step with MLflow")
+                if args.every <= 0:
+                    break
+                time.sleep(args.every)
+        else:
+            serving = promote.serving_now(client)
+            print(f"{'version':>7}  {'artifact':<24} {'aliases':<20} {'r2':>7}  created (UTC)")
+            for v in registry.versions(args.name):
+                created = datetime.fromtimestamp(v.created_ms / 1000, UTC)
+                r2 = v.metrics.get("r2")
+                who = ", ".join(serving.get(v.artifact_version, [])) or "-"
+                print(
+                    f"{v.number:>7}  {v.artifact_version:<24} {','.join(v.aliases) or '-':<20} "
+                    f"{'-' if r2 is None else f'{r2:.4f}':>7}  {created:%Y-%m-%d %H:%M:%S}  "
+                    f"served by: {who}"
+                )
+    except (InferenceError, redis.RedisError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        client.close()
+    return 0
+
+
+def describe(decision: ServingDecision) -> str:
+    text = (
+        f"{decision.name}: champion {decision.champion.version} "
+        f"(registry {decision.champion.registry_version}), generation {decision.generation}"
+    )
+    if decision.challenger is not None:
+        text += (
+            f"; challenger {decision.challenger.version} "
+            f"(registry {decision.challenger.registry_version}), "
+            f"canary {decision.canary_percent:g}%, shadow {'on' if decision.shadow else 'off'}"
+        )
+    return text
