@@ -2,14 +2,21 @@
 
 Redis: the server at REDIS_URL when that is set, otherwise a private
 redis-server started for the session. Tests never flush it: each one works
-under its own task ids, worker names and keys.
+under its own task ids, worker names and keys. MLflow: a real `mlflow server`
+process, started for the session by the first test that asks for it; tests
+register models under names of their own.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -18,7 +25,13 @@ from celery import Celery
 from producer.settings import ProducerSettings
 from stack.embedded_redis import EmbeddedRedis
 from stack.processes import celery_env, worker_process
-from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel, serving
+from tests.support import (
+    TEST_MAX_BATCH_ROWS,
+    MlflowServer,
+    RunningWorker,
+    TrainedModel,
+    serving,
+)
 from training.artifact import load_manifest
 
 
@@ -30,6 +43,95 @@ def redis_url() -> Iterator[str]:
         return
     with EmbeddedRedis() as server:
         yield server.url
+
+
+MLFLOW_START_TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """`mlflow server` with its own SQLite store and artifact folder, serving artifacts over
+    its REST API (what workers on other hosts fetch from). The dev extra installs MLflow, so
+    a server that does not start fails the test: it never skips."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME"):
+        env.pop(name, None)
+    log_path = root / "server.log"
+    args = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+        "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer in {MLFLOW_START_TIMEOUT_S:g}s")
+            time.sleep(0.5)
+        yield MlflowServer(url=url, artifacts=root / "artifacts", log=log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+# `python -m training sync` as it runs in the workers' or the gateway's image: MLflow,
+# scikit-learn and onnxruntime cannot be imported.
+_WITHOUT_MLFLOW = """
+import runpy, sys
+BLOCKED = ("mlflow", "sklearn", "onnxruntime")
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (not installed here)")
+sys.meta_path.insert(0, Blocked())
+sys.argv = ["training", *sys.argv[1:]]
+runpy.run_module("training", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture
+def sync_without_mlflow(
+    mlflow_server: MlflowServer, redis_url: str
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs `python -m training --name NAME sync [args]` against the server, in a process
+    where MLflow (and scikit-learn, onnxruntime) cannot be imported."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(
+        MLFLOW_TRACKING_URI=mlflow_server.url, INFERENCE_REDIS_URL=redis_url, REDIS_URL=redis_url
+    )
+
+    def run(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", _WITHOUT_MLFLOW, "--name", name, "sync", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    return run
 
 
 @pytest.fixture

@@ -19,6 +19,20 @@ TEST_MAX_BATCH_ROWS = 5_000
 
 
 @dataclass(frozen=True)
+class MlflowServer:
+    """A running `mlflow server` (the mlflow_server fixture)."""
+
+    url: str
+    artifacts: Path
+    """Its --artifacts-destination: what its artifact REST API serves."""
+    log: Path
+
+    def artifact_dir(self, source: str) -> Path:
+        """The folder holding a `mlflow-artifacts:/...` model version source."""
+        return self.artifacts / source.removeprefix("mlflow-artifacts:").lstrip("/")
+
+
+@dataclass(frozen=True)
 class TrainedModel:
     model_dir: Path
     version_dir: Path
