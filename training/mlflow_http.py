@@ -174,17 +174,20 @@ class RestRegistry:
         return answer
 
     @staticmethod
-    def _version(mv: dict[str, Any], aliases: list[str] | None = None) -> RegistryVersion:
-        tags = {str(t["key"]): str(t.get("value", "")) for t in mv.get("tags", [])}
-        return RegistryVersion(
-            number=str(mv["version"]),
-            artifact_version=tags.get(TAG_ARTIFACT_VERSION, ""),
-            source=str(mv.get("source", "")),
-            created_ms=int(mv.get("creation_timestamp") or 0),
-            run_id=mv.get("run_id") or None,
-            aliases=tuple(sorted(aliases if aliases is not None else mv.get("aliases", []))),
-            metrics={},
-        )
+    def _version(mv: Any, aliases: list[str] | None = None) -> RegistryVersion:
+        try:
+            tags = {str(t["key"]): str(t.get("value", "")) for t in mv.get("tags", [])}
+            return RegistryVersion(
+                number=str(mv["version"]),
+                artifact_version=tags.get(TAG_ARTIFACT_VERSION, ""),
+                source=str(mv.get("source", "")),
+                created_ms=int(mv.get("creation_timestamp") or 0),
+                run_id=mv.get("run_id") or None,
+                aliases=tuple(sorted(aliases if aliases is not None else mv.get("aliases", []))),
+                metrics={},
+            )
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise RegistryError(f"MLflow's model version is not one: {str(mv)[:200]}") from None
 
 
 def _error(exc: urllib.error.HTTPError, method: str, path: str) -> RegistryError:

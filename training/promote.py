@@ -14,7 +14,6 @@ the manifest) but not run; the workers run it before they serve it.
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 import time
 from collections import defaultdict
@@ -77,7 +76,11 @@ def served_version(registry: RegistryLike, version: RegistryVersion) -> ServedVe
 
 def can_run_models() -> bool:
     """Whether this install can run a version before serving it (onnxruntime is there)."""
-    return importlib.util.find_spec("onnxruntime") is not None
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _run_once(version_dir: Path, manifest: Manifest) -> None:
