@@ -96,11 +96,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
             proc.wait()
 
 
-# `python -m training sync` as it runs in the workers' or the gateway's image: MLflow,
-# scikit-learn and onnxruntime cannot be imported.
+# `python -m training sync` as it runs in the gateway's image (the base install): none of
+# the training extra (MLflow, scikit-learn, ONNX, onnxruntime) nor SHAP can be imported.
 _WITHOUT_MLFLOW = """
 import runpy, sys
-BLOCKED = ("mlflow", "sklearn", "onnxruntime")
+BLOCKED = ("mlflow", "sklearn", "skl2onnx", "onnx", "onnxruntime", "shap")
 class Blocked:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
@@ -116,7 +116,7 @@ def sync_without_mlflow(
     mlflow_server: MlflowServer, redis_url: str
 ) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Runs `python -m training --name NAME sync [args]` against the server, in a process
-    where MLflow (and scikit-learn, onnxruntime) cannot be imported."""
+    where MLflow, scikit-learn, ONNX and onnxruntime cannot be imported."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(
         MLFLOW_TRACKING_URI=mlflow_server.url, INFERENCE_REDIS_URL=redis_url, REDIS_URL=redis_url
