@@ -17,7 +17,6 @@ MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD as basic auth.
 
 from __future__ import annotations
 
-import base64
 import json
 import urllib.error
 import urllib.parse
@@ -25,6 +24,7 @@ import urllib.request
 from typing import Any
 
 from contract.errors import RegistryError
+from training.fetch import ArtifactAuth, auth_headers
 from training.registry_types import (
     TAG_ARTIFACT_VERSION,
     RegistryVersion,
@@ -32,23 +32,13 @@ from training.registry_types import (
     find_version,
 )
 
+__all__ = ["NotFound", "RestRegistry", "auth_headers"]
+
 API = "/api/2.0/mlflow"
 HTTP_TIMEOUT_S = 30.0
 # A JSON answer larger than this is not MLflow's: bounded, so a wrong URL cannot fill memory.
 MAX_ANSWER_BYTES = 64 * 1024**2
 NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
-
-
-def auth_headers(
-    token: str | None = None, username: str | None = None, password: str | None = None
-) -> dict[str, str]:
-    """The Authorization header MLflow's clients send for these credentials (none: {})."""
-    if token:
-        return {"Authorization": f"Bearer {token}"}
-    if username and password:
-        pair = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-        return {"Authorization": f"Basic {pair}"}
-    return {}
 
 
 class NotFound(RegistryError):
@@ -69,6 +59,7 @@ class RestRegistry:
         self.server = server.rstrip("/")
         self.headers = dict(headers or {})
         self.timeout_s = timeout_s
+        self.artifact_auth: ArtifactAuth | None = ArtifactAuth(self.server, self.headers)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ def served_version(registry: RegistryLike, version: RegistryVersion) -> ServedVe
     """The version as workers will fetch it, after the checks they will make."""
     location = registry.location(version)
     try:
-        hashes = file_hashes(location)
+        hashes = file_hashes(location, registry.artifact_auth)
         with tempfile.TemporaryDirectory(prefix="promote-check-") as cache:
             _, manifest = fetch_version(
                 ServedVersion(
@@ -61,6 +61,7 @@ def served_version(registry: RegistryLike, version: RegistryVersion) -> ServedVe
                 ),
                 Path(cache),
                 "check",
+                registry.artifact_auth,
             )
             _run_once(Path(cache) / "check" / version.artifact_version, manifest)
     except InferenceError as exc:

@@ -18,6 +18,7 @@ from typing import Any
 
 from contract.errors import RegistryError
 from training.artifact import Manifest
+from training.fetch import ArtifactAuth, auth_headers
 from training.registry_types import (
     ARTIFACT_PATH,
     TAG_ARTIFACT_VERSION,
@@ -65,9 +66,16 @@ class Registry:
     def __init__(self, settings: RegistrySettings, model_dir: Path) -> None:
         mlflow = _import_mlflow()
         self.server = settings.tracking_uri
+        self.artifact_auth: ArtifactAuth | None = None
         if self.server:
             uri = self.server
             self.artifact_root: str | None = None
+            self.artifact_auth = ArtifactAuth(
+                self.server,
+                auth_headers(
+                    settings.tracking_token, settings.tracking_username, settings.tracking_password
+                ),
+            )
             self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
             return
         root = settings.embedded_dir(model_dir).resolve()

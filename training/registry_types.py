@@ -13,6 +13,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from contract.errors import RegistryError
+from training.fetch import ArtifactAuth
 
 TAG_ARTIFACT_VERSION = "artifact_version"
 TAG_N_FEATURES = "n_features"
@@ -36,6 +37,9 @@ class RegistryVersion:
 
 
 class RegistryLike(Protocol):
+    artifact_auth: ArtifactAuth | None
+    """Credentials for downloading the versions' files (a server's), or None."""
+
     def aliases(self, name: str) -> dict[str, str]:
         """alias -> version number ({} for an unknown model)."""
         ...

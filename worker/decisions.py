@@ -53,7 +53,9 @@ def check_served_artifact(settings: WorkerSettings, provider: str) -> Manifest:
             client.close()
     if decision is None:
         return resolve_artifact(settings, provider)[0]
-    return fetch_version(decision.champion, settings.model_cache_dir, settings.model_name)[1]
+    return fetch_version(
+        decision.champion, settings.model_cache_dir, settings.model_name, settings.artifact_auth
+    )[1]
 
 
 class DecisionWatcher:

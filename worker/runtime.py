@@ -97,7 +97,7 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
 def load_champion(settings: WorkerSettings, decision: ServingDecision) -> LoadedModel:
     """The champion of a serving decision, fetched, checked and loaded."""
     version_dir, manifest = fetch_version(
-        decision.champion, settings.model_cache_dir, settings.model_name
+        decision.champion, settings.model_cache_dir, settings.model_name, settings.artifact_auth
     )
     return load_version(settings, version_dir, manifest)
 

@@ -142,7 +142,10 @@ class Serving:
             if loaded is not None and loaded.manifest.version == served.version:
                 return loaded
         version_dir, manifest = fetch_version(
-            served, self.settings.model_cache_dir, self.settings.model_name
+            served,
+            self.settings.model_cache_dir,
+            self.settings.model_name,
+            self.settings.artifact_auth,
         )
         return self._checked(load_version(self.settings, version_dir, manifest))
 

@@ -18,6 +18,7 @@ import pytest
 
 from contract.errors import RegistryError
 from training import registry_cli
+from training.fetch import ArtifactAuth, read_file
 from training.mlflow_http import RestRegistry, auth_headers
 from training.registry_types import artifact_location
 from training.settings import RegistrySettings
@@ -200,3 +201,34 @@ def test_sync_once_fails_on_a_refusal_and_every_keeps_polling(
     with pytest.raises(_Stop):
         registry_cli._sync(refusing, RestRegistry("http://h"), client, every)
     assert len(calls) == 3
+
+
+def test_downloads_carry_credentials_to_their_server_only(
+    stub: tuple[str, type[Stub]],
+) -> None:
+    url, handler = stub
+    handler.answers["/srv/model/manifest.json"] = (200, {"name": "m"})
+    auth = ArtifactAuth(url, auth_headers(token="t0k"))
+    read_file(f"{url}/srv/model", "manifest.json", auth)
+    read_file(f"{url}/srv/model", "manifest.json")
+    elsewhere = ArtifactAuth("http://mlflow.example:5000", auth_headers(token="t0k"))
+    read_file(f"{url}/srv/model", "manifest.json", elsewhere)
+    # A server whose URL is a prefix of the download's host (port 1 vs 1234) is another host.
+    read_file(f"{url}/srv/model", "manifest.json", ArtifactAuth(url[:-1], {"Authorization": "x"}))
+    assert [a for _, _, a, _ in handler.seen] == ["Bearer t0k", None, None, None]
+
+
+def test_worker_settings_read_mlflows_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.settings import WorkerSettings
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "INFERENCE_ARTIFACT_SERVER"):
+        monkeypatch.delenv(name, raising=False)
+    assert WorkerSettings().artifact_auth is None
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0k")
+    assert WorkerSettings().artifact_auth is None  # no server: sent nowhere
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    settings = WorkerSettings()
+    assert settings.artifact_auth == ArtifactAuth(
+        "http://mlflow:5000", {"Authorization": "Bearer t0k"}
+    )
+    assert "t0k" not in repr(settings) and "t0k" not in repr(settings.artifact_auth)
