@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -29,6 +29,7 @@ from tests.support import (
     TEST_MAX_BATCH_ROWS,
     MlflowServer,
     RunningWorker,
+    SyncCommand,
     TrainedModel,
     serving,
 )
@@ -58,7 +59,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # Webhooks to the tests' plain-HTTP receivers on 127.0.0.1 (by default MLflow accepts
+    # https URLs on public addresses only), seen 1 s after they are made (60 s by default).
+    env = {
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+    }
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME"):
         env.pop(name, None)
     log_path = root / "server.log"
@@ -112,26 +121,14 @@ runpy.run_module("training", run_name="__main__", alter_sys=True)
 
 
 @pytest.fixture
-def sync_without_mlflow(
-    mlflow_server: MlflowServer, redis_url: str
-) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """Runs `python -m training --name NAME sync [args]` against the server, in a process
-    where MLflow, scikit-learn, ONNX and onnxruntime cannot be imported."""
+def sync_without_mlflow(mlflow_server: MlflowServer, redis_url: str) -> SyncCommand:
+    """`python -m training --name NAME sync [args]` against the server, in a process where
+    MLflow, scikit-learn, ONNX and onnxruntime cannot be imported."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(
         MLFLOW_TRACKING_URI=mlflow_server.url, INFERENCE_REDIS_URL=redis_url, REDIS_URL=redis_url
     )
-
-    def run(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-c", _WITHOUT_MLFLOW, "--name", name, "sync", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    return run
+    return SyncCommand([sys.executable, "-c", _WITHOUT_MLFLOW], env)
 
 
 @pytest.fixture

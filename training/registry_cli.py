@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep checking at this interval (default: once)",
     )
+    sync.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help=(
+            "also receive MLflow's webhooks here (model_version_alias events, signed with "
+            "INFERENCE_WEBHOOK_SECRET): an alias moved is synced at once; runs until stopped"
+        ),
+    )
     return parser
 
 
@@ -86,7 +94,8 @@ def main(argv: Sequence[str]) -> int:
     client = redis.Redis.from_url(settings.decision_url)
     try:
         if args.command == "sync":
-            return _sync(promote.sync, _sync_registry(settings, args.model_dir), client, args)
+            registry = _sync_registry(settings, args.model_dir)
+            return _sync(promote.sync, registry, client, args, settings.webhook_secret)
         from training.registry import Registry
 
         registry = Registry(settings, args.model_dir)
@@ -142,9 +151,10 @@ def _sync(
     registry: RegistryLike,
     client: redis.Redis,
     args: argparse.Namespace,
+    webhook_secret: str | None = None,
 ) -> int:
-    """Once: exit 1 on a refusal. With --every: report it and keep polling (MLflow or Redis
-    down for a while, an alias moved to a broken version and then back)."""
+    """Once: exit 1 on a refusal. With --every or --listen: report it and keep going (MLflow
+    or Redis down for a while, an alias moved to a broken version and then back)."""
     from training.promote import can_run_models
 
     if not can_run_models():
@@ -153,17 +163,29 @@ def _sync(
             "manifest), not run; the workers run it before they serve it",
             file=sys.stderr,
         )
+    wake = threading.Event()
+    listen = getattr(args, "listen", None)
+    if listen:
+        from training.webhook import start_receiver
+
+        if not webhook_secret:
+            print("error: --listen needs INFERENCE_WEBHOOK_SECRET", file=sys.stderr)
+            return EXIT_FAILED
+        host, _, port = listen.rpartition(":")
+        start_receiver(host or "127.0.0.1", int(port), webhook_secret, args.name, wake)
     while True:
         try:
             moved = sync(registry, client, args.name)
             print(describe(moved) if moved else f"{args.name}: in step with MLflow", flush=True)
         except (InferenceError, redis.RedisError) as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-            if args.every <= 0:
+            if args.every <= 0 and not listen:
                 return EXIT_FAILED
-        if args.every <= 0:
+        if args.every <= 0 and not listen:
             return 0
-        time.sleep(args.every)
+        # A webhook ends the wait early; without --every only a webhook does.
+        wake.wait(args.every if args.every > 0 else None)
+        wake.clear()
 
 
 def describe(decision: ServingDecision) -> str:

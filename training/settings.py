@@ -42,6 +42,10 @@ class RegistrySettings(BaseSettings):
     )
     """The password of tracking_username."""
 
+    webhook_secret: str | None = Field(default=None, repr=False)
+    """The secret of MLflow's webhook (`sync --listen`): requests not signed with it are
+    refused."""
+
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("INFERENCE_REDIS_URL", "REDIS_URL"),

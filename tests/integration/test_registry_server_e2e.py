@@ -20,7 +20,7 @@ from celery.result import AsyncResult
 
 from contract.names import TASK_PREDICT
 from stack.processes import celery_env, worker_process
-from tests.support import MlflowServer, RunningWorker, serving
+from tests.support import MlflowServer, RunningWorker, SyncCommand, serving
 from tests.training.conftest import small
 from training import promote
 from training.registry import Registry
@@ -116,7 +116,7 @@ def test_an_alias_moved_in_mlflow_reaches_a_worker_over_http(
     worker: RunningWorker,
     sender: Celery,
     redis_url: str,
-    sync_without_mlflow: Any,
+    sync_without_mlflow: SyncCommand,
 ) -> None:
     first, second = (o.manifest.version for o in served.outcomes)
     rows = served.outcomes[0].X_test[:10].tolist()
@@ -179,7 +179,7 @@ def test_sync_refuses_a_tampered_version_and_publishes_nothing(
     worker: RunningWorker,
     sender: Celery,
     redis_url: str,
-    sync_without_mlflow: Any,
+    sync_without_mlflow: SyncCommand,
     tmp_path: Path,
 ) -> None:
     state = redis.Redis.from_url(redis_url)

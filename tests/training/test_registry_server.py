@@ -1,17 +1,21 @@
 """The registry against a real `mlflow server` process: runs, versions and aliases on the
 server, artifacts through its REST API, a worker's fetch over HTTP, and the same registry
-read over plain HTTP (training.mlflow_http) as MLflow's own client reads it."""
+read over plain HTTP (training.mlflow_http) as MLflow's own client reads it, and MLflow's
+webhook waking `sync --listen`."""
 
 from __future__ import annotations
 
+import socket
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
 from contract.errors import RegistryError
-from tests.support import MlflowServer
+from tests.support import MlflowServer, SyncCommand
 from tests.training.conftest import small
 from training import promote
 from training.fetch import fetch_version
@@ -107,6 +111,7 @@ def test_http_sync_follows_the_alias_and_drops_the_old_challenger(
         promote.promote(registry, client, name, "2", canary_percent=10)
         assert promote.sync(rest, client, name) is None  # in step
 
+        time.sleep(1.5)  # the server's cache of webhooks lives 1 s (MLFLOW_WEBHOOK_CACHE_TTL)
         registry.client.set_registered_model_alias(name, "champion", "2")  # as in the UI
         decision = promote.sync(rest, client, name)
         assert decision is not None
@@ -119,3 +124,59 @@ def test_http_sync_follows_the_alias_and_drops_the_old_challenger(
         assert registry.aliases(name) == {"champion": "2"}
     finally:
         client.close()
+
+
+def test_a_webhook_from_mlflow_syncs_at_once(
+    mlflow_server: MlflowServer,
+    redis_url: str,
+    sync_without_mlflow: SyncCommand,
+    tmp_path: Path,
+) -> None:
+    """No polling (`--listen` without `--every`): only MLflow's webhook can make the sync
+    look again, and it does when the alias is moved."""
+    registry = _registry(mlflow_server, redis_url, tmp_path)
+    name = f"hook{uuid.uuid4().hex[:6]}"
+    config = small(tmp_path / "models").model_copy(update={"name": name})
+    for seed in (0, 1):
+        outcome = run_training(config.model_copy(update={"seed": seed}))
+        registry.register(outcome.version_dir, outcome.manifest)
+    client = redis.Redis.from_url(redis_url)
+    promote.promote(registry, client, name, "1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "sync.log"
+    proc = sync_without_mlflow.start(
+        name, "--listen", f"127.0.0.1:{port}", log=log, INFERENCE_WEBHOOK_SECRET="s3cret"
+    )
+    hook = None
+    try:
+        _wait(lambda: "in step with MLflow" in log.read_text(), log)
+        hook = registry.client.create_webhook(
+            name=f"sync-{name}",
+            url=f"http://127.0.0.1:{port}/",
+            events=["model_version_alias.created"],
+            secret="s3cret",
+        )
+        time.sleep(1.5)  # the server's cache of webhooks lives 1 s (MLFLOW_WEBHOOK_CACHE_TTL)
+        registry.client.set_registered_model_alias(name, "champion", "2")  # as in the UI
+
+        def synced() -> bool:
+            decision = promote.read_decision(client, name)
+            return decision is not None and decision.champion.registry_version == "2"
+
+        _wait(synced, log)
+        assert proc.poll() is None  # still listening
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if hook is not None:
+            registry.client.delete_webhook(hook.webhook_id)
+        client.close()
+
+
+def _wait(done: Callable[[], bool], log: Path, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
