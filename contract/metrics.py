@@ -26,6 +26,9 @@ MODEL_WARMUP_SECONDS = "inference_model_warmup_seconds"
 """Gauge{model,version,device}: the last model warm-up."""
 MODEL_INFO = "inference_model_info"
 """Gauge{model,version,device,provider,hostname}: 1 for each model a worker has loaded."""
+SERVING_DECISIONS_TOTAL = "inference_serving_decisions_total"
+"""Counter{model,outcome}: serving decisions (`python -m training promote`) a worker process
+applied, or refused because a version failed a check (it keeps serving the old ones)."""
 
 # -- from one place: the queue exporter (python -m producer metrics) -------------------------
 QUEUE_DEPTH = "inference_queue_depth"
@@ -45,6 +48,11 @@ FAILURE = "failure"
 REVOKED = "revoked"
 REFUSED = "refused"
 OUTCOMES = (SUCCESS, FAILURE, REVOKED, REFUSED)
+
+# Outcomes of a serving decision in a worker process.
+APPLIED = "applied"
+DECISION_REFUSED = "refused"
+DECISION_OUTCOMES = (APPLIED, DECISION_REFUSED)
 
 OTHER_TASK = "other"
 """The task label of a message that names no task of this project."""

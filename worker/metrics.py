@@ -36,6 +36,7 @@ from contract.metrics import (
     MODEL_WARMUP_SECONDS,
     QUEUE_WAIT_SECONDS,
     ROWS_TOTAL,
+    SERVING_DECISIONS_TOTAL,
     TASK_SECONDS,
 )
 
@@ -168,6 +169,13 @@ class Recorder:
             multiprocess_mode="livemax",
         )
 
+        self.decisions = Counter(
+            SERVING_DECISIONS_TOTAL,
+            "Serving decisions applied, or refused because a version failed a check.",
+            ["model", "outcome"],
+            registry=None,
+        )
+
     def _child(self, metric: Any, *labels: str) -> Any:
         # prometheus_client's labels() validates and locks on every call; a lane batch
         # touches the same few children each time.
@@ -224,6 +232,10 @@ class Recorder:
         self.load_s.labels(*labels).set(load_s)
         self.warmup_s.labels(*labels).set(warmup_s)
         self.info.labels(*labels, provider, hostname).set(1)
+
+    def decided(self, outcome: str) -> None:
+        """A serving decision was applied, or refused (DECISION_OUTCOMES)."""
+        self._child(self.decisions, self.model[0], outcome).inc()
 
     def unloaded(self, version: str, provider: str, hostname: str) -> None:
         """`version` is no longer held by this process. A multiprocess gauge keeps its value

@@ -97,7 +97,7 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
 def load_champion(settings: WorkerSettings, decision: ServingDecision) -> LoadedModel:
     """The champion of a serving decision, fetched, checked and loaded."""
     version_dir, manifest = fetch_version(
-        decision.champion, settings.model_cache_dir, settings.model_name
+        decision.champion, settings.model_cache_dir, settings.model_name, check_files=False
     )
     return load_version(settings, version_dir, manifest)
 
@@ -115,7 +115,7 @@ def _publish_info(
         target=model.manifest.target,
         metrics=model.manifest.metrics,
         importances=model.manifest.importances,
-        base_value=None if model.explainer is None else model.explainer.base_value,
+        base_value=model.manifest.base_value if model.explains else None,
     )
     for queue in queues:
         client.set(model_info_key(queue), info.model_dump_json())

@@ -241,7 +241,7 @@ def explain_many(rt: Runtime, jobs: Sequence[Job]) -> list[dict[str, Any] | Infe
         try:
             request = parse(rt, ExplainRequest, job.args, job.kwargs)
             model, arm = _choose_for(rt, request, job)
-            if model.explainer is None:
+            if model.ready_explainer() is None:
                 raise unavailable(model.manifest, rt.settings, model.explain_refused)
             outcomes.append(request.matrix())
         except InferenceError as exc:

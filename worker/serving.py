@@ -27,10 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import InferenceError, ModelArtifactError, UnknownModelVersion
+from contract.metrics import APPLIED, DECISION_REFUSED
 from contract.names import ALIAS_CHALLENGER, ALIAS_CHAMPION
 from contract.schemas import ServedVersion, ServingDecision, ServingStatus
-from training.artifact import load_manifest
+from training.artifact import MANIFEST_FILE, load_manifest
 from training.fetch import fetch_version
+from worker import metrics
 from worker.model import LoadedModel, load_version
 from worker.settings import WorkerSettings
 
@@ -67,6 +69,12 @@ def _host_lock(cache_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _count_decision(outcome: str) -> None:
+    recorder = metrics.current()
+    if recorder is not None:
+        recorder.decided(outcome)
+
+
 @dataclass(frozen=True)
 class Arms:
     """What serves now; replaced whole, never changed in place."""
@@ -86,6 +94,8 @@ class Serving:
         self.settings = settings
         self.arms = Arms(generation=-1, champion=base)
         self.error: str | None = None
+        self.refused_generation: int | None = None
+        """The last decision refused because a version failed its checks."""
         self._pinned: OrderedDict[str, LoadedModel] = OrderedDict()
         self._pin_lock = threading.RLock()
         self._shadow_lock = threading.Lock()
@@ -101,19 +111,30 @@ class Serving:
         """Serve `decision` if every version it names passes its checks; otherwise keep
         serving what serves now and record why. True when it was applied."""
         current = self.arms
-        if decision.generation == current.generation:
+        if decision.generation in (current.generation, self.refused_generation):
             return False
+        began = time.perf_counter()
         try:
             # One process of a host loads at a time: the others keep serving meanwhile, so
             # a swap never takes every process's CPU at once.
             with _host_lock(self.settings.model_cache_dir):
+                locked = time.perf_counter()
                 champion = self._load(decision.champion, current)
                 challenger = None
                 if decision.challenger is not None:
                     challenger = self._load(decision.challenger, current)
         except (InferenceError, OSError, ValueError) as exc:
             self.error = f"generation {decision.generation} not served: {exc}"
+            if isinstance(exc, OSError) or getattr(exc, "retryable", False):
+                # The artifact store or the disk failed, not the artifact: the next poll
+                # tries again.
+                log.warning("serving decision %s; retrying", self.error)
+                return False
             log.error("serving decision %s", self.error)
+            # A version that failed its checks fails them again: not retried (a new
+            # decision is), and counted once.
+            self.refused_generation = decision.generation
+            _count_decision(DECISION_REFUSED)
             return False
         self.arms = Arms(
             decision.generation,
@@ -124,14 +145,18 @@ class Serving:
             decision,
         )
         self.error = None
+        _count_decision(APPLIED)
         log.info(
-            "serving %s generation %d: champion %s, challenger %s (canary %g%%, shadow %s)",
+            "serving %s generation %d: champion %s, challenger %s (canary %g%%, shadow %s) "
+            "after %.3fs (lock wait %.3fs)",
             decision.name,
             decision.generation,
             champion.manifest.version,
             challenger.manifest.version if challenger else "-",
             self.arms.canary_percent,
             self.arms.shadow,
+            time.perf_counter() - began,
+            locked - began,
         )
         return True
 
@@ -140,11 +165,16 @@ class Serving:
             pinned = list(self._pinned.values())
         for loaded in (current.champion, current.challenger, *pinned):
             if loaded is not None and loaded.manifest.version == served.version:
+                if loaded.manifest_sha256 != served.sha256.get(MANIFEST_FILE):
+                    raise ModelArtifactError(
+                        f"the serving decision's manifest of {served.version} differs from "
+                        "the one this process loaded: not served"
+                    )
                 return loaded
         version_dir, manifest = fetch_version(
-            served, self.settings.model_cache_dir, self.settings.model_name
+            served, self.settings.model_cache_dir, self.settings.model_name, check_files=False
         )
-        return self._checked(load_version(self.settings, version_dir, manifest))
+        return self._checked(load_version(self.settings, version_dir, manifest, explain_now=False))
 
     def _checked(self, model: LoadedModel) -> LoadedModel:
         expected = self.arms.champion.n_features
@@ -206,7 +236,9 @@ class Serving:
             version_dir, manifest = load_manifest(
                 self.settings.model_dir, self.settings.model_name, pin
             )
-            return self._checked(load_version(self.settings, version_dir, manifest))
+            return self._checked(
+                load_version(self.settings, version_dir, manifest, explain_now=False)
+            )
         except (InferenceError, OSError, ValueError) as exc:
             raise UnknownModelVersion(
                 f"model version {pin!r} of {self.settings.model_name} cannot be served: {exc}"
