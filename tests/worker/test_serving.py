@@ -135,6 +135,7 @@ def test_pins_canary_and_shadow(settings: WorkerSettings, versions: list[TrainOu
     assert status.shadow_rows == 200
     assert status.shadow_mean_abs_diff == pytest.approx(float(expected.mean()), rel=1e-4)
     assert status.loaded_versions == sorted({one.version, two.version})
+    serving.close()
 
 
 def test_pinned_versions_are_kept_least_recently_used(
