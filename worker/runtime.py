@@ -159,5 +159,7 @@ def stop() -> None:
     if _current is not None:
         if _current.watcher is not None:
             _current.watcher.stop()
+        if _current.serving is not None:
+            _current.serving.close()
         _current.heartbeat.stop()
         _current = None

@@ -35,6 +35,7 @@ from training.fetch import fetch_version
 from worker import metrics
 from worker.model import LoadedModel, load_version
 from worker.settings import WorkerSettings
+from worker.shadow import ShadowRunner, ShadowWork
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,11 @@ class Serving:
         self._pinned: OrderedDict[str, LoadedModel] = OrderedDict()
         self._pin_lock = threading.RLock()
         self._shadow_lock = threading.Lock()
+        self._shadow_pair: tuple[str, str] | None = None
         self._shadow_diffs: deque[float] = deque(maxlen=SHADOW_WINDOW)
         self._shadow_rows = 0
         self._shadow_sum = 0.0
-        self._shadow_s = 0.0
-        self._since = time.perf_counter()
+        self._runner: ShadowRunner | None = None
 
     # -- applying a decision ---------------------------------------------------------------
 
@@ -191,13 +192,23 @@ class Serving:
         self, pin: str | None, routing_key: str | None, job_id: str
     ) -> tuple[LoadedModel, str | None]:
         """The version that serves a job, and its arm (None before any decision)."""
+        model, arm, _ = self.pick(pin, routing_key, job_id)
+        return model, arm
+
+    def pick(
+        self, pin: str | None, routing_key: str | None, job_id: str
+    ) -> tuple[LoadedModel, str | None, LoadedModel | None]:
+        """choose(), and the challenger to shadow the job with: the one of the same arms
+        as its champion, so a swap before the shadow run cannot pair it with another."""
         arms = self.arms
         if pin is not None:
-            return self._pinned_model(pin, arms), ARM_PINNED
+            return self._pinned_model(pin, arms), ARM_PINNED, None
         if arms.challenger is not None and in_canary(routing_key or job_id, arms.canary_percent):
-            return arms.challenger, ARM_CHALLENGER
-        # Without a decision there are no roles: the model directory's version serves.
-        return arms.champion, ARM_CHAMPION if arms.decision is not None else None
+            return arms.challenger, ARM_CHALLENGER, None
+        if arms.decision is None:
+            # Without a decision there are no roles: the model directory's version serves.
+            return arms.champion, None, None
+        return arms.champion, ARM_CHAMPION, arms.challenger if arms.shadow else None
 
     def _pinned_model(self, pin: str, arms: Arms) -> LoadedModel:
         if pin == ALIAS_CHAMPION:
@@ -246,28 +257,72 @@ class Serving:
 
     # -- shadow ----------------------------------------------------------------------------
 
-    def shadow(self, rows: np.ndarray, served: np.ndarray) -> None:
-        """Run the challenger on rows the champion served, if shadow is on and the time
-        spent so stays under its share; record how far apart they are."""
+    def shadow(
+        self,
+        rows: np.ndarray,
+        served: np.ndarray,
+        champion: LoadedModel,
+        challenger: LoadedModel | None,
+    ) -> None:
+        """Hand rows `champion` served (and its predictions) to the shadow thread, to be run
+        by `challenger` (pick()'s); returns at once, the work queued or skipped. The arrays
+        are the runner's from here on: the caller must not change them."""
+        if challenger is None or len(rows) == 0:
+            return
+        runner = self._runner
+        if runner is None:
+            with self._shadow_lock:
+                if self._runner is None:
+                    self._runner = ShadowRunner(
+                        self.settings.shadow_max_share,
+                        self.settings.shadow_queue_rows,
+                        self._compared,
+                        self._skipped,
+                    )
+                runner = self._runner
+        runner.submit(ShadowWork(rows, served, champion.manifest.version, challenger))
+
+    def _compared(self, work: ShadowWork, diffs: np.ndarray) -> None:
+        recorder = metrics.current()
+        if recorder is not None:
+            recorder.shadowed(work.champion, work.challenger.manifest.version, diffs.tolist())
         arms = self.arms
-        if not arms.shadow or arms.challenger is None or len(rows) == 0:
-            return
-        elapsed = time.perf_counter() - self._since
-        if self._shadow_s > self.settings.shadow_max_share * elapsed:
-            return
-        t0 = time.perf_counter()
-        try:
-            other = arms.challenger.predict(rows)
-        except Exception:
-            log.exception("shadow run of %s failed", arms.challenger.manifest.version)
-            return
-        finally:
-            self._shadow_s += time.perf_counter() - t0
-        diffs = np.abs(other.astype(np.float64) - served.astype(np.float64))
+        if arms.challenger is None or work.pair != self._pair(arms):
+            return  # the health report speaks of the pair serving now
         with self._shadow_lock:
+            self._reset_for(work.pair)
             self._shadow_rows += len(diffs)
             self._shadow_sum += float(diffs.sum())
             self._shadow_diffs.extend(diffs.tolist())
+
+    def _skipped(self, work: ShadowWork, reason: str) -> None:
+        recorder = metrics.current()
+        if recorder is not None:
+            version = work.challenger.manifest.version
+            recorder.shadow_skipped(work.champion, version, reason, len(work.rows))
+
+    @staticmethod
+    def _pair(arms: Arms) -> tuple[str, str] | None:
+        if arms.challenger is None:
+            return None
+        return arms.champion.manifest.version, arms.challenger.manifest.version
+
+    def _reset_for(self, pair: tuple[str, str] | None) -> None:
+        """The shadow statistics start again for a new champion and challenger."""
+        if pair != self._shadow_pair:
+            self._shadow_pair = pair
+            self._shadow_diffs.clear()
+            self._shadow_rows = 0
+            self._shadow_sum = 0.0
+
+    def drain_shadow(self, timeout: float = 10.0) -> bool:
+        """Wait until the shadow work queued so far has run (tests, shutdown)."""
+        return self._runner is None or self._runner.drain(timeout)
+
+    def close(self) -> None:
+        """Stop the shadow thread, dropping the work it has not run."""
+        if self._runner is not None:
+            self._runner.stop()
 
     def loaded(self) -> dict[str, LoadedModel]:
         """Every version this process holds now, by version: the arms and the pinned."""
@@ -282,6 +337,8 @@ class Serving:
     def status(self) -> ServingStatus:
         arms = self.arms
         with self._shadow_lock:
+            if self._shadow_pair is not None:
+                self._reset_for(self._pair(arms))
             recent = list(self._shadow_diffs)
             rows, total = self._shadow_rows, self._shadow_sum
         with self._pin_lock:

@@ -161,13 +161,20 @@ def test_pins_canary_and_shadow(settings: WorkerSettings, versions: list[TrainOu
         serving.choose("../../etc", None, "job")
 
     rows = versions[0].X_test[:200].astype(np.float32)
-    served = serving.arms.champion.predict(rows)
-    serving.shadow(rows, served)
+    key = next(k for k in keys if not in_canary(k, 10))
+    model, arm, challenger = serving.pick(None, key, "job")
+    assert (model, arm, challenger) == (
+        serving.arms.champion, ARM_CHAMPION, serving.arms.challenger
+    )  # fmt: skip
+    served = model.predict(rows)
+    serving.shadow(rows, served, model, challenger)
+    assert serving.drain_shadow()
     status = serving.status()
     expected = np.abs(serving.arms.challenger.predict(rows) - served)  # type: ignore[union-attr]
     assert status.shadow_rows == 200
     assert status.shadow_mean_abs_diff == pytest.approx(float(expected.mean()), rel=1e-4)
     assert status.loaded_versions == sorted({one.version, two.version})
+    serving.close()
 
 
 def test_pinned_versions_are_kept_least_recently_used(
