@@ -5,21 +5,25 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response, status
 
 from contract.names import QUEUES
 from contract.schemas import ModelInfo
-from gateway.problems import Problem, error_responses
+from gateway.problems import Problem, error_responses, validation_problem
 from gateway.schemas import (
     JOB_EXAMPLES,
+    JOB_STATUS_EXAMPLES,
     BatchPredictRequest,
     BatchPredictResponse,
     HealthResponse,
     JobAccepted,
     JobRequest,
+    ModelVersion,
     PredictRequest,
     PredictResponse,
     Queue,
+    Routing,
+    RoutingKey,
 )
 from gateway.service import Gateway
 from producer import TaskStatus
@@ -49,6 +53,48 @@ TaskId = Annotated[
 ]
 
 
+PIN_HEADER = "Inference-Model-Version"
+ROUTING_KEY_HEADER = "Inference-Routing-Key"
+
+PinHeader = Annotated[
+    ModelVersion | None,
+    Header(
+        alias=PIN_HEADER,
+        description="model_version, as a header: for a caller or a proxy that routes jobs "
+        "without touching their bodies. With model_version in the body too, both must agree",
+    ),
+]
+RoutingKeyHeader = Annotated[
+    RoutingKey | None,
+    Header(
+        alias=ROUTING_KEY_HEADER,
+        description="routing_key, as a header (a proxy can set it from the caller's identity). "
+        "With routing_key in the body too, both must agree",
+    ),
+]
+
+
+def routing(body: Routing, pin: str | None, key: str | None) -> dict[str, str | None]:
+    """The job's version pin and routing key, from its body or their headers (the client's
+    keyword arguments). Sent both ways, they must agree: which one to trust is not ours to
+    guess."""
+    faults = [
+        {
+            "loc": ("header", header),
+            "msg": f"{given!r} is not the body's {field} {sent!r}: send one, or the same",
+            "type": "value_error",
+        }
+        for field, header, given, sent in (
+            ("model_version", PIN_HEADER, pin, body.model_version),
+            ("routing_key", ROUTING_KEY_HEADER, key, body.routing_key),
+        )
+        if given is not None and sent is not None and given != sent
+    ]
+    if faults:
+        raise validation_problem(faults)
+    return {"model_version": body.model_version or pin, "routing_key": body.routing_key or key}
+
+
 def status_url(request: Request, task_id: str) -> str:
     """The job's status path, behind whatever prefix the gateway is served under."""
     return f"{request.scope.get('root_path', '')}{PREFIX}/jobs/{task_id}"
@@ -65,10 +111,15 @@ def _elapsed_ms(started: float) -> float:
     response_model=PredictResponse,
     responses=error_responses(401, 413, 415, 422, 429, 500, 503, 504),
 )
-async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
+async def predict(
+    body: PredictRequest,
+    request: Request,
+    pin: PinHeader = None,
+    key: RoutingKeyHeader = None,
+) -> dict[str, Any]:
     started = time.perf_counter()
     gateway = gateway_of(request)
-    task_id = await gateway.submit_row(body.data, body.queue)
+    task_id = await gateway.submit_row(body.data, body.queue, routing(body, pin, key))
     result = await gateway.result(task_id, status_url(request, task_id))
     return {
         **result,
@@ -87,10 +138,15 @@ async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
     response_model=BatchPredictResponse,
     responses=error_responses(401, 413, 415, 422, 429, 500, 503, 504),
 )
-async def predict_batch(body: BatchPredictRequest, request: Request) -> dict[str, Any]:
+async def predict_batch(
+    body: BatchPredictRequest,
+    request: Request,
+    pin: PinHeader = None,
+    key: RoutingKeyHeader = None,
+) -> dict[str, Any]:
     started = time.perf_counter()
     gateway = gateway_of(request)
-    task_id = await gateway.submit_rows(body.data, body.queue)
+    task_id = await gateway.submit_rows(body.data, body.queue, routing(body, pin, key))
     result = await gateway.result(task_id, status_url(request, task_id))
     return {**result, "task_id": task_id, "total_time_ms": _elapsed_ms(started)}
 
@@ -134,15 +190,18 @@ async def submit_job(
     body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMPLES)],
     request: Request,
     response: Response,
+    pin: PinHeader = None,
+    key: RoutingKeyHeader = None,
 ) -> JobAccepted:
     gateway = gateway_of(request)
+    route = routing(body, pin, key)
     if body.features is not None:
-        task_id = await gateway.submit_row(body.features, body.queue)
+        task_id = await gateway.submit_row(body.features, body.queue, route)
     elif body.rows is not None:
-        task_id = await gateway.submit_rows(body.rows, body.queue)
+        task_id = await gateway.submit_rows(body.rows, body.queue, route)
     else:
         assert body.rows_f32 is not None and body.n_features is not None  # the validator
-        task_id = await gateway.submit_f32(body.rows_f32, body.n_features, body.queue)
+        task_id = await gateway.submit_f32(body.rows_f32, body.n_features, body.queue, route)
     url = status_url(request, task_id)
     response.headers["Location"] = url
     return JobAccepted(task_id=task_id, status_url=url)
@@ -160,7 +219,13 @@ async def submit_job(
     ),
     response_model=TaskStatus,
     response_model_exclude_none=True,
-    responses=error_responses(401, 422, 503),
+    responses={
+        200: {
+            "description": "The job's status; once it succeeded, its result",
+            "content": {"application/json": {"examples": JOB_STATUS_EXAMPLES}},
+        },
+        **error_responses(401, 422, 503),
+    },
 )
 async def job_status(
     task_id: TaskId,
