@@ -16,7 +16,7 @@ from tests.gateway.support import problem
 ROW = [0.1, 0.2, 0.3, 0.4, 0.5]
 
 # Every route that enqueues a job, with a body for each kind of job it takes.
-ENQUEUING = [
+ENQUEUING: list[tuple[str, dict[str, Any], str]] = [
     ("/api/v1/predict", {"data": ROW}, "submit"),
     ("/api/v1/predict/batch", {"data": [ROW, ROW]}, "submit_batch"),
     ("/api/v1/jobs", {"features": ROW}, "submit"),

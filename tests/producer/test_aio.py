@@ -94,7 +94,7 @@ def test_jobs_are_enqueued_as_the_sync_client_enqueues_them() -> None:
 ROUTE = {"model_version": "2", "routing_key": "user-42"}
 
 
-def _kwargs(raw: list[bytes]) -> list[dict[str, Any]]:
+def _kwargs(raw: list[Any]) -> list[dict[str, Any]]:
     return [json.loads(json.loads(m)["body"])[1] for m in reversed(raw)]
 
 
@@ -114,8 +114,8 @@ def test_every_submit_sends_a_pin_and_a_routing_key_in_its_kwargs_sync_and_async
     sync.submit_batch([[1.0, 2.0]], **ROUTE)
     sync.submit_batch_f32(f32, 2, **ROUTE)
     sync.submit_batch_f32(f32, 2)
-    sent = _kwargs(sync.broker.lrange("inference.cpu.rows", 0, -1))  # type: ignore[arg-type]
-    sent += _kwargs(sync.broker.lrange("inference.cpu", 0, -1))  # type: ignore[arg-type]
+    sent = _kwargs(sync.broker.lrange("inference.cpu.rows", 0, -1))
+    sent += _kwargs(sync.broker.lrange("inference.cpu", 0, -1))
     expected = [
         {"features": [1.0, 2.0], **ROUTE},
         {"rows": [[1.0, 2.0]], "rows_f32": None, "n_features": None, **ROUTE},
