@@ -15,6 +15,8 @@ from gateway.schemas import (
     JOB_STATUS_EXAMPLES,
     BatchPredictRequest,
     BatchPredictResponse,
+    ExplainRequest,
+    ExplainResponse,
     HealthResponse,
     JobAccepted,
     JobRequest,
@@ -147,6 +149,26 @@ async def predict_batch(
     started = time.perf_counter()
     gateway = gateway_of(request)
     task_id = await gateway.submit_rows(body.data, body.queue, routing(body, pin, key))
+    result = await gateway.result(task_id, status_url(request, task_id))
+    return {**result, "task_id": task_id, "total_time_ms": _elapsed_ms(started)}
+
+
+@router.post(
+    "/explain",
+    tags=["explain"],
+    summary="Explain rows in one job: each row's prediction and SHAP contributions",
+    response_model=ExplainResponse,
+    responses=error_responses(401, 413, 415, 422, 429, 500, 503, 504),
+)
+async def explain(
+    body: ExplainRequest,
+    request: Request,
+    pin: PinHeader = None,
+    key: RoutingKeyHeader = None,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    gateway = gateway_of(request)
+    task_id = await gateway.submit_explain(body.data, body.queue, routing(body, pin, key))
     result = await gateway.result(task_id, status_url(request, task_id))
     return {**result, "task_id": task_id, "total_time_ms": _elapsed_ms(started)}
 

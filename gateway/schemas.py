@@ -13,7 +13,7 @@ from fastapi.openapi.models import Example
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from contract.names import MAX_PIN_CHARS, MAX_ROUTING_KEY_CHARS, VERSION_TEXT
-from contract.schemas import BatchResult, HealthReport, PredictResult, Row
+from contract.schemas import BatchResult, ExplainResult, HealthReport, PredictResult, Row
 
 Queue = Literal["cpu", "gpu"]
 """The workers a job is for: inference.cpu or inference.gpu (single rows: their row queue)."""
@@ -118,6 +118,21 @@ class BatchPredictRequest(Routing):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{"data": ROWS}, {"data": ROWS, "routing_key": "user-42"}]},
+    )
+
+    data: Rows = Field(description="the rows, each with as many features as the model has")
+    queue: Queue = Field(default="cpu", description=QUEUE_HELP)
+
+
+class ExplainRequest(Routing):
+    """Rows to explain, in one inference.explain job: each row's prediction and SHAP
+    contributions, in row order."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"data": [ROW]}, {"data": [ROW], "model_version": "challenger"}]
+        },
     )
 
     data: Rows = Field(description="the rows, each with as many features as the model has")
@@ -291,3 +306,32 @@ class HealthResponse(HealthReport):
     """Whether some live worker has a model loaded (the report lists at least one)."""
 
     model_format: Literal["ONNX"] = "ONNX"
+
+
+class ExplainResponse(ExplainResult, _SeedFields):
+    """The worker's explanation document, plus the job's id: per row, base_value plus the sum
+    of its contributions is its prediction."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "feature_names": ["x0", "x1", "x2", "x3", "x4"],
+                    "base_value": 14.4034,
+                    "predictions": [14.91],
+                    "contributions": [[1.02, -0.61, 0.08, 0.33, -0.31]],
+                    "rows": 1,
+                    "model_name": "friedman1",
+                    "model_version": VERSION_EXAMPLE,
+                    "arm": "pinned",
+                    "provider": "CPUExecutionProvider",
+                    "device": "cpu",
+                    "hostname": "cpu1@host",
+                    "latency": {"queue_wait_ms": 0.4, "inference_ms": 1.3, "task_ms": 1.5},
+                    "task_id": "5f0c6a3e-7d1b-4e0f-9a51-2f9d8c3b7e10",
+                    "total_time_ms": 3.2,
+                }
+            ]
+        },
+    )

@@ -55,6 +55,12 @@ class Gateway:
         await self.model_info(queue)
         return await self.client.submit_batch(rows, queue=queue, **route)
 
+    async def submit_explain(
+        self, rows: Sequence[Sequence[float]], queue: str, route: Mapping[str, str | None]
+    ) -> str:
+        await self.model_info(queue)
+        return await self.client.submit_explain(rows, queue=queue, **route)
+
     async def submit_f32(
         self, rows_f32: str, n_features: int, queue: str, route: Mapping[str, str | None]
     ) -> str:

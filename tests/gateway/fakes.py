@@ -87,6 +87,17 @@ class FakeClient:
         self._routed(model_version, routing_key)
         return await self._submitted("submit_batch", [list(r) for r in rows], queue)
 
+    async def submit_explain(
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
+        self._routed(model_version, routing_key)
+        return await self._submitted("submit_explain", [list(r) for r in rows], queue)
+
     async def submit_batch_f32(
         self,
         rows_f32: str,

@@ -228,6 +228,7 @@ def test_the_openapi_schema_describes_every_route_with_models_examples_and_probl
     assert set(paths) == {
         "/api/v1/predict",
         "/api/v1/predict/batch",
+        "/api/v1/explain",
         "/api/v1/predict/health",
         "/api/v1/jobs",
         "/api/v1/jobs/{task_id}",
@@ -252,7 +253,7 @@ def test_the_openapi_schema_describes_every_route_with_models_examples_and_probl
                 assert media["application/problem+json"]["schema"]["$ref"].endswith(
                     "/ProblemDocument"
                 ), where
-    for name in ("PredictRequest", "BatchPredictRequest", "PredictResponse"):
+    for name in ("PredictRequest", "BatchPredictRequest", "ExplainRequest", "PredictResponse"):
         assert components[name]["examples"], name
     job_examples = paths["/api/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
     assert set(job_examples["examples"]) == {"one row", "rows", "rows_f32", "pinned", "sticky"}

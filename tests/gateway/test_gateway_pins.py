@@ -138,6 +138,16 @@ def test_a_pinned_job_is_served_by_the_version_it_names_on_every_route(
         assert _served(batch.json()) == (version, "pinned")
         np.testing.assert_allclose(batch.json()["predictions"], want, atol=1e-6)
 
+        explained = http.post(
+            "/api/v1/explain", json={"data": rows.tolist(), **pin}, headers=headers
+        )
+        assert explained.status_code == 200, explained.text
+        doc = explained.json()
+        assert _served(doc) == (version, "pinned")
+        np.testing.assert_allclose(doc["predictions"], want, atol=1e-5)
+        model = arms.champion if version == v_champion else arms.challenger
+        assert doc["base_value"] == pytest.approx(model.manifest.base_value)
+
         job = {"rows_f32": encode_f32(rows), "n_features": rows.shape[1], **pin}
         accepted = http.post("/api/v1/jobs", json=job, headers=headers)
         assert accepted.status_code == 202, accepted.text
@@ -166,6 +176,8 @@ def test_the_same_routing_key_always_gets_the_same_arm_whoever_sends_it(
                     "/api/v1/predict/batch", json={"data": [row]}, headers={ROUTING_KEY_HEADER: key}
                 )
                 served.append(_served(header.json()))
+                explained = http.post("/api/v1/explain", json={"data": [row], "routing_key": key})
+                served.append(_served(explained.json()))
                 job = http.post("/api/v1/jobs", json={"features": row, "routing_key": key})
                 served.append(_served(_finished(http, job.json()["task_id"])["result"]))
             # A stock Celery client, routing by message header, meets the same arm.

@@ -19,14 +19,23 @@ ROW = [0.1, 0.2, 0.3, 0.4, 0.5]
 ENQUEUING: list[tuple[str, dict[str, Any], str]] = [
     ("/api/v1/predict", {"data": ROW}, "submit"),
     ("/api/v1/predict/batch", {"data": [ROW, ROW]}, "submit_batch"),
+    ("/api/v1/explain", {"data": [ROW, ROW]}, "submit_explain"),
     ("/api/v1/jobs", {"features": ROW}, "submit"),
     ("/api/v1/jobs", {"rows": [ROW]}, "submit_batch"),
     ("/api/v1/jobs", {"rows_f32": "AACAPw==", "n_features": 1}, "submit_batch_f32"),
 ]
 ROUTES = pytest.mark.parametrize(("path", "body", "method"), ENQUEUING)
 NO_ROUTE = {"model_version": None, "routing_key": None}
-# A result both synchronous routes can answer (each passes the other's fields through).
-EITHER = {**RESULT, "predictions": [12.5, 12.5], "rows": 2}
+ARMS = ("champion", "challenger", "pinned")
+# A result every synchronous route can answer (each passes the others' fields through).
+EITHER = {
+    **RESULT,
+    "predictions": [12.5, 12.5],
+    "rows": 2,
+    "feature_names": [f"x{i}" for i in range(5)],
+    "base_value": 10.0,
+    "contributions": [[0.5] * 5, [0.5] * 5],
+}
 
 
 def _fake() -> FakeClient:
@@ -197,6 +206,7 @@ def test_an_unknown_version_is_a_422_problem_naming_the_job() -> None:
     for path, body in [
         ("/api/v1/predict", {"data": ROW, "model_version": "9"}),
         ("/api/v1/predict/batch", {"data": [ROW], "model_version": "9"}),
+        ("/api/v1/explain", {"data": [ROW], "model_version": "9"}),
     ]:
         response = client.post(path, json=body)
         doc = problem(response, 422, "UnknownModelVersion")
@@ -207,21 +217,43 @@ def test_an_unknown_version_is_a_422_problem_naming_the_job() -> None:
 def test_the_schema_documents_the_fields_the_headers_and_the_served_arm() -> None:
     schema = http(_fake()).get("/openapi.json").json()
     components = schema["components"]["schemas"]
-    for name in ("PredictRequest", "BatchPredictRequest", "JobRequest"):
+    for name in ("PredictRequest", "BatchPredictRequest", "ExplainRequest", "JobRequest"):
         properties = components[name]["properties"]
         assert {"model_version", "routing_key"} <= set(properties), name
         pin = properties["model_version"]["anyOf"][0]
         assert pin["maxLength"] == 128 and pin["pattern"].startswith("^[A-Za-z0-9]"), name
-    for path in ("/api/v1/predict", "/api/v1/predict/batch", "/api/v1/jobs"):
+    for path in ("/api/v1/predict", "/api/v1/predict/batch", "/api/v1/explain", "/api/v1/jobs"):
         parameters = schema["paths"][path]["post"]["parameters"]
         assert {(p["name"], p["in"]) for p in parameters} == {
             (PIN_HEADER, "header"),
             (ROUTING_KEY_HEADER, "header"),
         }, path
-    for name in ("PredictResponse", "BatchPredictResponse"):
+    for name in ("PredictResponse", "BatchPredictResponse", "ExplainResponse"):
         (example,) = components[name]["examples"]
-        assert example["model_version"] and example["arm"] in ("champion", "challenger"), name
+        assert example["model_version"] and example["arm"] in ARMS, name
     status = schema["paths"]["/api/v1/jobs/{task_id}"]["get"]["responses"]["200"]["content"]
     examples = status["application/json"]["examples"]
     assert examples["served"]["value"]["result"]["arm"] == "pinned"
     assert examples["unknown version"]["value"]["error"]["type"] == "UnknownModelVersion"
+
+
+def test_explain_answers_the_explanation_document_and_the_job_id() -> None:
+    fake = _fake()
+    response = http(fake, gateway_predict_timeout_s=4).post(
+        "/api/v1/explain", json={"data": [ROW, ROW], "queue": "gpu"}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert {k: body[k] for k in EITHER} == EITHER
+    assert body["task_id"] == TASK_ID and body["total_time_ms"] >= 0
+    assert ("submit_explain", [ROW, ROW], "gpu") in fake.calls
+    assert ("wait", TASK_ID, 4) in fake.calls
+
+
+def test_workers_that_cannot_explain_are_a_permanent_422() -> None:
+    unavailable = errors.ExplainUnavailable("this worker's model has no explain.onnx")
+    response = http(FakeClient(wait_error=unavailable)).post(
+        "/api/v1/explain", json={"data": [ROW]}
+    )
+    doc = problem(response, 422, "ExplainUnavailable")
+    assert doc["retryable"] is False and doc["task_id"] == TASK_ID
