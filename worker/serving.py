@@ -28,7 +28,7 @@ import numpy as np
 
 from contract.errors import InferenceError, ModelArtifactError, UnknownModelVersion
 from contract.metrics import APPLIED, DECISION_REFUSED
-from contract.names import ALIAS_CHALLENGER, ALIAS_CHAMPION
+from contract.names import ALIAS_CHALLENGER, ALIAS_CHAMPION, VERSION_TEXT
 from contract.schemas import ServedVersion, ServingDecision, ServingStatus
 from training.artifact import MANIFEST_FILE, load_manifest
 from training.fetch import fetch_version
@@ -47,7 +47,7 @@ BUCKETS = 10_000
 SHADOW_WINDOW = 4096
 """Recent |challenger - champion| differences kept for the p99."""
 LOAD_LOCK_FILE = ".load.lock"
-_VERSION_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_VERSION_TEXT = re.compile(VERSION_TEXT)
 
 
 def in_canary(key: str, percent: float) -> bool:
