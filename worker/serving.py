@@ -132,10 +132,7 @@ class Serving:
                 log.warning("serving decision %s; retrying", self.error)
                 return False
             log.error("serving decision %s", self.error)
-            # A version that failed its checks fails them again: not retried (a new
-            # decision is), and counted once.
-            self.refused_generation = decision.generation
-            _count_decision(DECISION_REFUSED)
+            self.refuse(decision.generation, self.error)
             return False
         self.arms = Arms(
             decision.generation,
@@ -160,6 +157,13 @@ class Serving:
             locked - began,
         )
         return True
+
+    def refuse(self, generation: int, reason: str) -> None:
+        """Record decision `generation` as refused: a version failed its checks, and would
+        fail them again, so it is not retried (a new decision is) and is counted once."""
+        self.error = reason
+        self.refused_generation = generation
+        _count_decision(DECISION_REFUSED)
 
     def _load(self, served: ServedVersion, current: Arms) -> LoadedModel:
         with self._pin_lock:  # the row lane adds pinned versions from its own thread
