@@ -141,6 +141,13 @@ class ModelArtifactError(StartupError):
     """The model artifact is missing, unreadable, or does not match its manifest."""
 
 
+class ArtifactUnreachable(ModelArtifactError):
+    """The artifact store (a shared folder, MLflow's artifact API) could not be read: the
+    artifact may be fine, so fetching it again later may succeed."""
+
+    retryable = True
+
+
 class ProviderUnavailable(StartupError):
     """The requested execution provider (e.g. CUDA) is not available on this machine."""
 

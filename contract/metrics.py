@@ -26,6 +26,17 @@ MODEL_WARMUP_SECONDS = "inference_model_warmup_seconds"
 """Gauge{model,version,device}: the last model warm-up."""
 MODEL_INFO = "inference_model_info"
 """Gauge{model,version,device,provider,hostname}: 1 for each model a worker has loaded."""
+SERVING_DECISIONS_TOTAL = "inference_serving_decisions_total"
+"""Counter{model,outcome}: serving decisions (`python -m training promote`) a worker process
+applied, or refused because a version failed a check (it keeps serving the old ones)."""
+SHADOW_ROWS_TOTAL = "inference_shadow_rows_total"
+"""Counter{model,version,challenger,device}: rows the champion (`version`) served that the
+challenger also ran on in shadow."""
+SHADOW_SKIPPED_ROWS_TOTAL = "inference_shadow_skipped_rows_total"
+"""Counter{model,version,challenger,device,reason}: rows left without their shadow run."""
+SHADOW_ABS_DIFF = "inference_shadow_abs_diff"
+"""Histogram{model,version,challenger,device}: |challenger - champion| per shadowed row, in
+the model's output units."""
 
 # -- from one place: the queue exporter (python -m producer metrics) -------------------------
 QUEUE_DEPTH = "inference_queue_depth"
@@ -46,6 +57,17 @@ REVOKED = "revoked"
 REFUSED = "refused"
 OUTCOMES = (SUCCESS, FAILURE, REVOKED, REFUSED)
 
+# Outcomes of a serving decision in a worker process.
+APPLIED = "applied"
+DECISION_REFUSED = "refused"
+DECISION_OUTCOMES = (APPLIED, DECISION_REFUSED)
+# Why a row got no shadow run: the runs had used their share of the process's time
+# (INFERENCE_SHADOW_MAX_SHARE), the shadow queue was full, or the challenger failed on it.
+SHADOW_SKIP_SHARE = "share"
+SHADOW_SKIP_QUEUE_FULL = "queue_full"
+SHADOW_SKIP_ERROR = "error"
+SHADOW_SKIP_REASONS = (SHADOW_SKIP_SHARE, SHADOW_SKIP_QUEUE_FULL, SHADOW_SKIP_ERROR)
+
 OTHER_TASK = "other"
 """The task label of a message that names no task of this project."""
 
@@ -56,3 +78,9 @@ LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 10_000)
+# |challenger - champion| in output units: from float32 rounding (identical models) to
+# a disagreement as large as typical targets.
+ABS_DIFF_BUCKETS = (
+    1e-6, 1e-5, 1e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 100.0,
+)  # fmt: skip

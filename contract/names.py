@@ -47,6 +47,13 @@ HEADER_ROUTING_KEY = "routing_key"
 ALIAS_CHAMPION = "champion"
 ALIAS_CHALLENGER = "challenger"
 
+VERSION_TEXT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+"""How a version or alias that can be pinned is spelled (training's 20261128-001839-22b4fe, a
+registry's 3, champion): a worker loads no other pin, since it would be read as a path and
+could lead out of the model directory."""
+MAX_PIN_CHARS = 128
+MAX_ROUTING_KEY_CHARS = 256
+
 # Redis keys, all in the result-backend database.
 HEALTH_REPORT_KEY = "inference:health:report"
 WORKER_STATE_PREFIX = "inference:worker:"

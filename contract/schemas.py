@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from contract.errors import FeatureCountMismatch, InvalidInput, TooManyRows
+from contract.names import MAX_PIN_CHARS, MAX_ROUTING_KEY_CHARS
 
 # A feature value: a real, finite number. Strict, so "1.5" or true is refused
 # rather than silently coerced; JSON integers are accepted as numbers.
@@ -35,10 +36,10 @@ Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Row = Annotated[list[Feature], Field(fail_fast=True)]
 
 
-Pin = Annotated[str | None, Field(default=None, min_length=1, max_length=128)]
+Pin = Annotated[str | None, Field(default=None, min_length=1, max_length=MAX_PIN_CHARS)]
 """A version (or alias: champion, challenger) the job must be served by; unset: the worker
 routes it (champion, or the canary split)."""
-RoutingKey = Annotated[str | None, Field(default=None, max_length=256)]
+RoutingKey = Annotated[str | None, Field(default=None, max_length=MAX_ROUTING_KEY_CHARS)]
 """An entity id: jobs with the same key always go to the same arm of a canary split."""
 
 

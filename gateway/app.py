@@ -24,8 +24,9 @@ from producer.connections import check_redis
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
-HTTP in front of the inference queues: the seed's `POST /api/v1/predict`, batches, and jobs
-to enqueue now and read later. Every error is a problem document (RFC 9457,
+HTTP in front of the inference queues: the seed's `POST /api/v1/predict`, batches,
+explanations, and jobs to enqueue now and read later; each may pin a model version or carry a
+routing key for a canary split. Every error is a problem document (RFC 9457,
 `application/problem+json`) whose `title` is the task contract's error name.
 
 Under /api/v1, send `Authorization: Bearer <token>` when the gateway has a token
@@ -34,6 +35,10 @@ Under /api/v1, send `Authorization: Bearer <token>` when the gateway has a token
 
 TAGS = [
     {"name": "predict", "description": "Enqueue, wait, answer: the result in the response."},
+    {
+        "name": "explain",
+        "description": "Why: each row's prediction and its SHAP contribution per feature.",
+    },
     {"name": "jobs", "description": "Enqueue now (202), read the status later, or long-poll."},
     {"name": "model", "description": "What the workers serve."},
 ]

@@ -271,7 +271,9 @@ DESCRIPTIONS = {
     413: "The body exceeds INFERENCE_GATEWAY_MAX_BODY_BYTES",
     415: "The body was not sent as JSON (Content-Type: application/json)",
     422: "InvalidInput, FeatureCountMismatch, TooManyRows, MessageTooLarge: the request "
-    "(or, on the synchronous routes, the job) breaks the task contract",
+    "(or, on the synchronous routes, the job) breaks the task contract; on the synchronous "
+    "routes, UnknownModelVersion (the job pinned a version the workers cannot serve) and "
+    "ExplainUnavailable (the workers cannot explain)",
     429: "QueueFull: the queue is at INFERENCE_MAX_QUEUE_DEPTH; see Retry-After",
     500: "TaskFailed: the workers could not serve the job",
     503: "ModelNotReady, PredictionFailed, RedisUnreachable: try again later (Retry-After)",

@@ -6,20 +6,27 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response, status
+from pydantic import TypeAdapter, ValidationError
 
 from contract.names import QUEUES
 from contract.schemas import ModelInfo
-from gateway.problems import Problem, error_responses
+from gateway.problems import Problem, error_responses, validation_problem
 from gateway.schemas import (
     JOB_EXAMPLES,
+    JOB_STATUS_EXAMPLES,
     BatchPredictRequest,
     BatchPredictResponse,
+    ExplainRequest,
+    ExplainResponse,
     HealthResponse,
     JobAccepted,
     JobRequest,
+    ModelVersion,
     PredictRequest,
     PredictResponse,
     Queue,
+    Routing,
+    RoutingKey,
 )
 from gateway.service import Gateway
 from producer import TaskStatus
@@ -49,6 +56,71 @@ TaskId = Annotated[
 ]
 
 
+PIN_HEADER = "Inference-Model-Version"
+ROUTING_KEY_HEADER = "Inference-Routing-Key"
+
+_PIN = TypeAdapter(ModelVersion)
+_ROUTING_KEY = TypeAdapter(RoutingKey)
+
+# Read from the request rather than declared as FastAPI header parameters: those cost a fifth
+# of a /predict request's CPU, looked for or not; so they are described in the schema here.
+ROUTING_HEADERS: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": PIN_HEADER,
+            "in": "header",
+            "required": False,
+            "description": "model_version, as a header: for a caller or a proxy that routes "
+            "jobs without touching their bodies. With model_version in the body too, both "
+            "must agree",
+            "schema": _PIN.json_schema(),
+        },
+        {
+            "name": ROUTING_KEY_HEADER,
+            "in": "header",
+            "required": False,
+            "description": "routing_key, as a header (a proxy can set it from the caller's "
+            "identity). With routing_key in the body too, both must agree",
+            "schema": _ROUTING_KEY.json_schema(),
+        },
+    ]
+}
+
+
+def _header(request: Request, name: str, adapter: TypeAdapter[str]) -> str | None:
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        faults = [{**error, "loc": ("header", name)} for error in exc.errors()]
+        raise validation_problem(faults) from None
+
+
+def routing(request: Request, body: Routing) -> dict[str, str | None]:
+    """The job's version pin and routing key, from its body or their headers (the client's
+    keyword arguments). Sent both ways, they must agree: which one to trust is not ours to
+    guess."""
+    pin = _header(request, PIN_HEADER, _PIN)
+    key = _header(request, ROUTING_KEY_HEADER, _ROUTING_KEY)
+    faults = [
+        {
+            "loc": ("header", header),
+            "msg": f"{given!r} is not the body's {field} {sent!r}: send one, or the same",
+            "type": "value_error",
+        }
+        for field, header, given, sent in (
+            ("model_version", PIN_HEADER, pin, body.model_version),
+            ("routing_key", ROUTING_KEY_HEADER, key, body.routing_key),
+        )
+        if given is not None and sent is not None and given != sent
+    ]
+    if faults:
+        raise validation_problem(faults)
+    return {"model_version": body.model_version or pin, "routing_key": body.routing_key or key}
+
+
 def status_url(request: Request, task_id: str) -> str:
     """The job's status path, behind whatever prefix the gateway is served under."""
     return f"{request.scope.get('root_path', '')}{PREFIX}/jobs/{task_id}"
@@ -64,11 +136,15 @@ def _elapsed_ms(started: float) -> float:
     summary="Predict one row and wait for it (the seed's API)",
     response_model=PredictResponse,
     responses=error_responses(401, 413, 415, 422, 429, 500, 503, 504),
+    openapi_extra=ROUTING_HEADERS,
 )
-async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
+async def predict(
+    body: PredictRequest,
+    request: Request,
+) -> dict[str, Any]:
     started = time.perf_counter()
     gateway = gateway_of(request)
-    task_id = await gateway.submit_row(body.data, body.queue)
+    task_id = await gateway.submit_row(body.data, body.queue, routing(request, body))
     result = await gateway.result(task_id, status_url(request, task_id))
     return {
         **result,
@@ -86,11 +162,34 @@ async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
     summary="Predict rows in one job and wait for them",
     response_model=BatchPredictResponse,
     responses=error_responses(401, 413, 415, 422, 429, 500, 503, 504),
+    openapi_extra=ROUTING_HEADERS,
 )
-async def predict_batch(body: BatchPredictRequest, request: Request) -> dict[str, Any]:
+async def predict_batch(
+    body: BatchPredictRequest,
+    request: Request,
+) -> dict[str, Any]:
     started = time.perf_counter()
     gateway = gateway_of(request)
-    task_id = await gateway.submit_rows(body.data, body.queue)
+    task_id = await gateway.submit_rows(body.data, body.queue, routing(request, body))
+    result = await gateway.result(task_id, status_url(request, task_id))
+    return {**result, "task_id": task_id, "total_time_ms": _elapsed_ms(started)}
+
+
+@router.post(
+    "/explain",
+    tags=["explain"],
+    summary="Explain rows in one job: each row's prediction and SHAP contributions",
+    response_model=ExplainResponse,
+    responses=error_responses(401, 413, 415, 422, 429, 500, 503, 504),
+    openapi_extra=ROUTING_HEADERS,
+)
+async def explain(
+    body: ExplainRequest,
+    request: Request,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    gateway = gateway_of(request)
+    task_id = await gateway.submit_explain(body.data, body.queue, routing(request, body))
     result = await gateway.result(task_id, status_url(request, task_id))
     return {**result, "task_id": task_id, "total_time_ms": _elapsed_ms(started)}
 
@@ -129,6 +228,7 @@ async def health(request: Request, response: Response) -> dict[str, Any]:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobAccepted,
     responses=error_responses(401, 413, 415, 422, 429, 503),
+    openapi_extra=ROUTING_HEADERS,
 )
 async def submit_job(
     body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMPLES)],
@@ -136,13 +236,14 @@ async def submit_job(
     response: Response,
 ) -> JobAccepted:
     gateway = gateway_of(request)
+    route = routing(request, body)
     if body.features is not None:
-        task_id = await gateway.submit_row(body.features, body.queue)
+        task_id = await gateway.submit_row(body.features, body.queue, route)
     elif body.rows is not None:
-        task_id = await gateway.submit_rows(body.rows, body.queue)
+        task_id = await gateway.submit_rows(body.rows, body.queue, route)
     else:
         assert body.rows_f32 is not None and body.n_features is not None  # the validator
-        task_id = await gateway.submit_f32(body.rows_f32, body.n_features, body.queue)
+        task_id = await gateway.submit_f32(body.rows_f32, body.n_features, body.queue, route)
     url = status_url(request, task_id)
     response.headers["Location"] = url
     return JobAccepted(task_id=task_id, status_url=url)
@@ -160,7 +261,13 @@ async def submit_job(
     ),
     response_model=TaskStatus,
     response_model_exclude_none=True,
-    responses=error_responses(401, 422, 503),
+    responses={
+        200: {
+            "description": "The job's status; once it succeeded, its result",
+            "content": {"application/json": {"examples": JOB_STATUS_EXAMPLES}},
+        },
+        **error_responses(401, 422, 503),
+    },
 )
 async def job_status(
     task_id: TaskId,

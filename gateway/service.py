@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
@@ -40,17 +40,32 @@ class Gateway:
 
     # -- enqueue: the client checks the rows against the model info, as the worker will ---
 
-    async def submit_row(self, features: Sequence[float], queue: str) -> str:
-        await self.model_info(queue)
-        return await self.client.submit(features, queue=queue)
+    # `route`: the job's model_version and routing_key (each None when not given), passed to
+    # the client as they are, so the workers route it as any producer's job.
 
-    async def submit_rows(self, rows: Sequence[Sequence[float]], queue: str) -> str:
+    async def submit_row(
+        self, features: Sequence[float], queue: str, route: Mapping[str, str | None]
+    ) -> str:
         await self.model_info(queue)
-        return await self.client.submit_batch(rows, queue=queue)
+        return await self.client.submit(features, queue=queue, **route)
 
-    async def submit_f32(self, rows_f32: str, n_features: int, queue: str) -> str:
+    async def submit_rows(
+        self, rows: Sequence[Sequence[float]], queue: str, route: Mapping[str, str | None]
+    ) -> str:
         await self.model_info(queue)
-        return await self.client.submit_batch_f32(rows_f32, n_features, queue=queue)
+        return await self.client.submit_batch(rows, queue=queue, **route)
+
+    async def submit_explain(
+        self, rows: Sequence[Sequence[float]], queue: str, route: Mapping[str, str | None]
+    ) -> str:
+        await self.model_info(queue)
+        return await self.client.submit_explain(rows, queue=queue, **route)
+
+    async def submit_f32(
+        self, rows_f32: str, n_features: int, queue: str, route: Mapping[str, str | None]
+    ) -> str:
+        await self.model_info(queue)
+        return await self.client.submit_batch_f32(rows_f32, n_features, queue=queue, **route)
 
     # -- results ---------------------------------------------------------------------------
 

@@ -20,8 +20,8 @@ class GatewaySettings(ProducerSettings):
     features as JSON text."""
 
     gateway_predict_timeout_s: float = Field(default=30.0, gt=0)
-    """Seconds /api/v1/predict and /api/v1/predict/batch wait for the result before they
-    answer 504 (the job stays queued; its id is in the problem document)."""
+    """Seconds /api/v1/predict, /api/v1/predict/batch and /api/v1/explain wait for the result
+    before they answer 504 (the job stays queued; its id is in the problem document)."""
 
     gateway_max_wait_s: float = Field(default=60.0, ge=0)
     """Longest long poll of GET /api/v1/jobs/{id}?wait=S: a larger S is cut to this, so that

@@ -179,9 +179,19 @@ class Client(ClientCore):
         request = parse(BatchRequest, kwargs, self.model_info(queue))
         return self.send(TASK_PREDICT_BATCH, request.model_dump(), queue)
 
-    def submit_batch_f32(self, rows_f32: str, n_features: int, queue: str = "cpu") -> str:
+    def submit_batch_f32(
+        self,
+        rows_f32: str,
+        n_features: int,
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
         """A batch job in the compact form: rows as base64 float32 (contract.schemas)."""
-        kwargs = {"rows_f32": rows_f32, "n_features": n_features}
+        kwargs = routed(
+            {"rows_f32": rows_f32, "n_features": n_features}, model_version, routing_key
+        )
         request = parse(BatchRequest, kwargs, self.model_info(queue))
         return self.send(TASK_PREDICT_BATCH, request.model_dump(exclude_none=True), queue)
 

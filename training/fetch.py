@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from contract.errors import ModelArtifactError
+from contract.errors import ArtifactUnreachable, ModelArtifactError
 from contract.schemas import ServedVersion
 from training.artifact import MANIFEST_FILE, Manifest, Variant, load_manifest, verified_model_path
 
@@ -70,7 +70,7 @@ def read_file(location: str, name: str, auth: ArtifactAuth | None = None) -> byt
             with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
                 data = response.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
-            raise ModelArtifactError(f"cannot download {url}: {exc}") from None
+            raise ArtifactUnreachable(f"cannot download {url}: {exc}") from None
         if len(data) > MAX_FILE_BYTES:
             raise ModelArtifactError(f"{url} is larger than {MAX_FILE_BYTES} bytes")
         return data
@@ -78,7 +78,7 @@ def read_file(location: str, name: str, auth: ArtifactAuth | None = None) -> byt
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ModelArtifactError(f"cannot read {path}: {exc}") from None
+        raise ArtifactUnreachable(f"cannot read {path}: {exc}") from None
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -103,10 +103,18 @@ def file_hashes(location: str, auth: ArtifactAuth | None = None) -> dict[str, st
 
 
 def fetch_version(
-    served: ServedVersion, cache_dir: Path, name: str, auth: ArtifactAuth | None = None
+    served: ServedVersion,
+    cache_dir: Path,
+    name: str,
+    auth: ArtifactAuth | None = None,
+    *,
+    check_files: bool = True,
 ) -> tuple[Path, Manifest]:
     """The checked local copy of `served`: <cache_dir>/<name>/<version>/ and its manifest,
-    fetched first if the cache does not hold it."""
+    fetched first if the cache does not hold it. Its manifest is always checked against the
+    decision; its model files against the manifest too unless `check_files` is False: a
+    loader that checks each file it opens (worker.model) then hashes each file once, not
+    every variant twice."""
     model_dir = cache_dir
     final = model_dir / name / served.version
     if not final.is_dir():
@@ -137,8 +145,9 @@ def fetch_version(
         raise ModelArtifactError(
             f"the cached manifest of {name}/{served.version} differs from the serving decision"
         )
-    for variant in manifest.files:
-        verified_model_path(version_dir, manifest, cast(Variant, variant))
+    if check_files:
+        for variant in manifest.files:
+            verified_model_path(version_dir, manifest, cast(Variant, variant))
     return version_dir, manifest
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import redis
 from pydantic import ValidationError
 
+from contract.errors import ModelArtifactError
 from contract.names import SERVING_CHANNEL, serving_key
 from contract.schemas import ServingDecision
 from producer.connections import redis_client
@@ -53,9 +54,23 @@ def check_served_artifact(settings: WorkerSettings, provider: str) -> Manifest:
             client.close()
     if decision is None:
         return resolve_artifact(settings, provider)[0]
-    return fetch_version(
-        decision.champion, settings.model_cache_dir, settings.model_name, settings.artifact_auth
-    )[1]
+    try:
+        return fetch_version(
+            decision.champion, settings.model_cache_dir, settings.model_name, settings.artifact_auth
+        )[1]
+    except ModelArtifactError as exc:
+        # As each process does (worker.runtime): serve what the running workers keep serving.
+        if exc.retryable or decision.previous is None:
+            raise
+        log.error(
+            "generation %d not served: %s; starting on the previous champion %s",
+            decision.generation,
+            exc,
+            decision.previous.version,
+        )
+        return fetch_version(
+            decision.previous, settings.model_cache_dir, settings.model_name, settings.artifact_auth
+        )[1]
 
 
 class DecisionWatcher:

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from contract.metrics import (
+    ABS_DIFF_BUCKETS,
     BATCH_SIZE_BUCKETS,
     COMPUTE_SECONDS,
     JOBS_TOTAL,
@@ -36,6 +37,10 @@ from contract.metrics import (
     MODEL_WARMUP_SECONDS,
     QUEUE_WAIT_SECONDS,
     ROWS_TOTAL,
+    SERVING_DECISIONS_TOTAL,
+    SHADOW_ABS_DIFF,
+    SHADOW_ROWS_TOTAL,
+    SHADOW_SKIPPED_ROWS_TOTAL,
     TASK_SECONDS,
 )
 
@@ -145,6 +150,23 @@ class Recorder:
             buckets=BATCH_SIZE_BUCKETS,
             registry=None,
         )
+        shadow = ["model", "version", "challenger", "device"]
+        self.shadow_rows = Counter(
+            SHADOW_ROWS_TOTAL, "Rows the challenger also ran on in shadow.", shadow, registry=None
+        )
+        self.shadow_skips = Counter(
+            SHADOW_SKIPPED_ROWS_TOTAL,
+            "Rows left without their shadow run, by reason (share, queue_full, error).",
+            [*shadow, "reason"],
+            registry=None,
+        )
+        self.shadow_diff = Histogram(
+            SHADOW_ABS_DIFF,
+            "|challenger - champion| per shadowed row.",
+            shadow,
+            buckets=ABS_DIFF_BUCKETS,
+            registry=None,
+        )
         # The largest among live processes: each child loads the same model.
         self.load_s = Gauge(
             MODEL_LOAD_SECONDS,
@@ -166,6 +188,13 @@ class Recorder:
             ["model", "version", "device", "provider", "hostname"],
             registry=None,
             multiprocess_mode="livemax",
+        )
+
+        self.decisions = Counter(
+            SERVING_DECISIONS_TOTAL,
+            "Serving decisions applied, or refused because a version failed a check.",
+            ["model", "outcome"],
+            registry=None,
         )
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -216,6 +245,18 @@ class Recorder:
     def batch(self, queue: str, size: int) -> None:
         self._child(self.lane_batch, queue).observe(size)
 
+    def shadowed(self, version: str, challenger: str, diffs: Sequence[float]) -> None:
+        """Rows served by `version` that `challenger` ran on in shadow: their |difference|."""
+        if len(diffs):
+            model, _, device = self.model
+            self._child(self.shadow_rows, model, version, challenger, device).inc(len(diffs))
+            observe_many(self._child(self.shadow_diff, model, version, challenger, device), diffs)
+
+    def shadow_skipped(self, version: str, challenger: str, reason: str, rows: int) -> None:
+        model, _, device = self.model
+        if rows:
+            self._child(self.shadow_skips, model, version, challenger, device, reason).inc(rows)
+
     def loaded(
         self, version: str, provider: str, hostname: str, load_s: float, warmup_s: float
     ) -> None:
@@ -224,6 +265,10 @@ class Recorder:
         self.load_s.labels(*labels).set(load_s)
         self.warmup_s.labels(*labels).set(warmup_s)
         self.info.labels(*labels, provider, hostname).set(1)
+
+    def decided(self, outcome: str) -> None:
+        """A serving decision was applied, or refused (DECISION_OUTCOMES)."""
+        self._child(self.decisions, self.model[0], outcome).inc()
 
     def unloaded(self, version: str, provider: str, hostname: str) -> None:
         """`version` is no longer held by this process. A multiprocess gauge keeps its value

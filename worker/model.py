@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,8 +19,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from contract.errors import ProviderUnavailable
-from training.artifact import Manifest, Variant, load_manifest, verified_model_path
+from contract.errors import ModelArtifactError, ProviderUnavailable
+from training.artifact import (
+    MANIFEST_FILE,
+    Manifest,
+    Variant,
+    load_manifest,
+    sha256_of,
+    verified_model_path,
+)
 from worker.explainer import Explainer
 from worker.settings import WorkerSettings
 
@@ -38,6 +46,9 @@ class LoadedModel:
     variant: str
     placement: dict[str, int] = field(default_factory=dict)
     """Graph nodes per execution provider, as onnxruntime's profiler saw them at start-up."""
+    manifest_sha256: str = ""
+    """sha256 of the manifest file loaded: what a serving decision naming this version must
+    record for it to be served by this copy."""
     load_s: float = 0.0
     """Seconds the load took: checks, placement probe and session creation."""
     warmup_s: float = 0.0
@@ -46,6 +57,26 @@ class LoadedModel:
     """explain.onnx's session, when the model has one and the worker explains."""
     explain_refused: str | None = None
     """Why a model with explain.onnx is served without it (its placement failed on CUDA)."""
+    explain_from: tuple[WorkerSettings, Path] | None = field(default=None, repr=False)
+    """Where explain.onnx is loaded from on the first explain job, for versions loaded by a
+    hot swap: their swap costs the jobs running beside it only the prediction model's load."""
+    _explain_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def ready_explainer(self) -> Explainer | None:
+        """The explainer, loaded now if it was deferred; None when this version can't explain
+        here (explain_refused says why, if it has a reason)."""
+        if self.explain_from is not None:
+            with self._explain_lock:
+                if self.explain_from is not None:
+                    settings, version_dir = self.explain_from
+                    _attach_explainer(self, settings, version_dir)
+                    self.explain_from = None
+        return self.explainer
+
+    @property
+    def explains(self) -> bool:
+        """Whether explain jobs are served by this version (now or once deferred-loaded)."""
+        return self.explainer is not None or self.explain_from is not None
 
     @property
     def n_features(self) -> int:
@@ -134,29 +165,33 @@ def _checked_session(
     settings: WorkerSettings, provider: str, path: Path, sample: np.ndarray, input_name: str
 ) -> tuple[ort.InferenceSession, dict[str, int]]:
     """A session on `provider` for the model file at `path`, and its node placement;
-    ProviderUnavailable when a CUDA session would run any node elsewhere."""
+    ProviderUnavailable when a CUDA session would run any node elsewhere.
+
+    The placement comes from the session's own first run under the profiler: ending the
+    profile turns profiling off for good, so one session is built rather than a probe and
+    then the one served, which halves the load a hot swap costs the jobs running beside it.
+    """
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as profile_dir:
-        probe = ort.InferenceSession(
+        session = ort.InferenceSession(
             str(path),
             _session_options(settings, profile_dir),
             providers=_providers(settings, provider),
         )
-        placement = node_placement(probe, sample, input_name)
-        del probe
+        placement = node_placement(session, sample, input_name)
     off_provider = {p: n for p, n in placement.items() if p != provider}
     if provider == CUDA and off_provider:
         raise ProviderUnavailable(
             f"the GPU model {path.name} placed {off_provider} node(s) off CUDAExecutionProvider "
             f"(placement: {placement}); refusing to report GPU inference that runs on the CPU"
         )
-
-    session = ort.InferenceSession(
-        str(path), _session_options(settings), providers=_providers(settings, provider)
-    )
     actual = session.get_providers()[0]
     if actual != provider:
         raise ProviderUnavailable(f"onnxruntime created the session on {actual}, not {provider}")
     return session, placement
+
+
+def _has_explainer(settings: WorkerSettings, manifest: Manifest) -> bool:
+    return settings.explain and "explain" in manifest.files and manifest.base_value is not None
 
 
 def _load_explainer(
@@ -166,7 +201,7 @@ def _load_explainer(
     manifest: Manifest,
     sample: np.ndarray,
 ) -> Explainer | None:
-    if not settings.explain or "explain" not in manifest.files or manifest.base_value is None:
+    if not _has_explainer(settings, manifest) or manifest.base_value is None:
         return None
     path = verified_model_path(version_dir, manifest, "explain")
     session, placement = _checked_session(settings, provider, path, sample[:4], manifest.input_name)
@@ -188,14 +223,40 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
     return _load(settings, provider, version_dir, manifest)
 
 
-def load_version(settings: WorkerSettings, version_dir: Path, manifest: Manifest) -> LoadedModel:
+def load_version(
+    settings: WorkerSettings, version_dir: Path, manifest: Manifest, *, explain_now: bool = True
+) -> LoadedModel:
     """load_model for a version directory other than the configured one (worker.serving):
-    the same checks, and its own explainer."""
-    return _load(settings, check_provider(settings), version_dir, manifest)
+    the same checks, and its own explainer, loaded now or (explain_now=False) on the first
+    explain job."""
+    return _load(settings, check_provider(settings), version_dir, manifest, explain_now)
+
+
+def _attach_explainer(
+    model: LoadedModel,
+    settings: WorkerSettings,
+    version_dir: Path,
+    refusable: tuple[type[Exception], ...] = (ProviderUnavailable, ModelArtifactError),
+) -> None:
+    """Load the model's explainer, or record why it is refused: explain jobs then fail with
+    that reason while predictions go on (what a GPU worker is for: explanations that would
+    run on the CPU under a GPU label are refused)."""
+    sample = np.random.default_rng(0).standard_normal((4, model.n_features)).astype(np.float32)
+    try:
+        model.explainer = _load_explainer(
+            settings, model.provider, version_dir, model.manifest, sample
+        )
+    except refusable as exc:
+        log.error("serving %s without explanations: %s", model.manifest.version, exc)
+        model.explain_refused = f"explanations are off on this worker: {exc}"
 
 
 def _load(
-    settings: WorkerSettings, provider: str, version_dir: Path, manifest: Manifest
+    settings: WorkerSettings,
+    provider: str,
+    version_dir: Path,
+    manifest: Manifest,
+    explain_now: bool = True,
 ) -> LoadedModel:
     began = time.perf_counter()
     variant: Variant = "gpu" if provider == CUDA else "cpu"
@@ -205,13 +266,12 @@ def _load(
     session, placement = _checked_session(settings, provider, path, sample, manifest.input_name)
     device = f"cuda:{settings.cuda_device_id}" if provider == CUDA else "cpu"
     model = LoadedModel(manifest, session, provider, device, variant, placement)
-    try:
-        model.explainer = _load_explainer(settings, provider, version_dir, manifest, sample)
-    except ProviderUnavailable as exc:
-        # Predictions are what a GPU worker is for: it keeps serving them, and each explain
-        # job fails with this reason instead of running on the CPU under a GPU label.
-        log.error("serving without explanations: %s", exc)
-        model.explain_refused = f"explanations are off on this worker: {exc}"
+    model.manifest_sha256 = sha256_of(version_dir / MANIFEST_FILE)
+    if explain_now:
+        # At start a tampered explain.onnx stops the process, as a tampered model does.
+        _attach_explainer(model, settings, version_dir, refusable=(ProviderUnavailable,))
+    elif _has_explainer(settings, manifest):
+        model.explain_from = (settings, version_dir)
     loaded = time.perf_counter()
     model.load_s = loaded - began
 
@@ -221,7 +281,8 @@ def _load(
     if settings.provider == "cuda" and provider == CPU:
         model.device = "cpu (fallback: no CUDA)"
     log.info(
-        "model %s/%s (%s) loaded from %s on %s, %d intra-op thread(s), placement %s",
+        "model %s/%s (%s) loaded from %s on %s, %d intra-op thread(s), placement %s "
+        "(load %.3fs, warm-up %.3fs)",
         manifest.name,
         manifest.version,
         variant,
@@ -229,5 +290,7 @@ def _load(
         model.device,
         settings.intra_op_threads,
         placement,
+        model.load_s,
+        model.warmup_s,
     )
     return model

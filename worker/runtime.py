@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from contract.errors import ModelNotReady
+from contract.errors import ModelArtifactError, ModelNotReady
 from contract.names import model_info_key
-from contract.schemas import ModelInfo, ServingDecision, WorkerState
+from contract.schemas import ModelInfo, ServedVersion, ServingDecision, WorkerState
 from producer.connections import redis_client
 from training.fetch import fetch_version
 from worker import metrics
@@ -60,7 +60,7 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
         return _current
     client = redis_client(settings.backend, settings)
     decision = read_decision(client, settings.model_name) if settings.serving_decisions else None
-    model = load_model(settings) if decision is None else load_champion(settings, decision)
+    model, refused = _start_model(settings, decision)
     metrics.start_recording(model.manifest.name, model.manifest.version, model.device)
     now = time.time()
     stats = ProcessStats(
@@ -83,7 +83,9 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
     _record_loaded(rt)
     if settings.serving_decisions:
         rt.serving = Serving(settings, model)
-        if decision is not None:
+        if decision is not None and refused is not None:
+            rt.serving.refuse(decision.generation, refused)
+        elif decision is not None:
             rt.serving.apply(decision)
         rt.watcher = DecisionWatcher(client, rt.serving, lambda: _follow(rt))
         _follow(rt)
@@ -94,10 +96,35 @@ def start(settings: WorkerSettings, hostname: str, queues: list[str], pool: str)
     return _current
 
 
-def load_champion(settings: WorkerSettings, decision: ServingDecision) -> LoadedModel:
-    """The champion of a serving decision, fetched, checked and loaded."""
+def _start_model(
+    settings: WorkerSettings, decision: ServingDecision | None
+) -> tuple[LoadedModel, str | None]:
+    """The model a process starts with, and why the decision is refused when it is.
+
+    A champion that fails its checks (a tampered or half-copied artifact) is refused here as
+    the running processes refuse it: the process starts on the decision's previous champion,
+    which they keep serving, rather than failing (a prefork pool would restart it forever,
+    and a worker scaled up meanwhile would never start)."""
+    if decision is None:
+        return load_model(settings), None
+    try:
+        return load_served(settings, decision.champion), None
+    except ModelArtifactError as exc:
+        if exc.retryable or decision.previous is None:
+            raise
+        reason = f"generation {decision.generation} not served: {exc}"
+        log.error("%s; starting on the previous champion %s", reason, decision.previous.version)
+        return load_served(settings, decision.previous), reason
+
+
+def load_served(settings: WorkerSettings, served: ServedVersion) -> LoadedModel:
+    """A version named by a serving decision, fetched, checked and loaded."""
     version_dir, manifest = fetch_version(
-        decision.champion, settings.model_cache_dir, settings.model_name, settings.artifact_auth
+        served,
+        settings.model_cache_dir,
+        settings.model_name,
+        settings.artifact_auth,
+        check_files=False,
     )
     return load_version(settings, version_dir, manifest)
 
@@ -115,7 +142,7 @@ def _publish_info(
         target=model.manifest.target,
         metrics=model.manifest.metrics,
         importances=model.manifest.importances,
-        base_value=None if model.explainer is None else model.explainer.base_value,
+        base_value=model.manifest.base_value if model.explains else None,
     )
     for queue in queues:
         client.set(model_info_key(queue), info.model_dump_json())
@@ -159,5 +186,7 @@ def stop() -> None:
     if _current is not None:
         if _current.watcher is not None:
             _current.watcher.stop()
+        if _current.serving is not None:
+            _current.serving.close()
         _current.heartbeat.stop()
         _current = None

@@ -87,19 +87,37 @@ def parse(rt: Runtime, model: type[M], args: tuple[Any, ...], kwargs: dict[str, 
     )
 
 
-def choose(rt: Runtime, pin: Any, routing_key: Any, job_id: str) -> tuple[LoadedModel, str | None]:
-    """The version that serves a job, and its arm (None without serving decisions). Read
-    once per job (or batch of rows): a swap between two reads cannot mix versions."""
+Choice = tuple[LoadedModel, str | None, LoadedModel | None]
+"""The version that serves a job, its arm, and the challenger to shadow it with (if any)."""
+
+
+def choose(rt: Runtime, pin: Any, routing_key: Any, job_id: str) -> Choice:
+    """The version that serves a job, its arm (None without serving decisions), and the
+    challenger that runs on its rows in shadow. Read once per job (or batch of rows): a
+    swap between two reads cannot mix versions."""
     if rt.serving is None:
         if pin is not None and pin != rt.model.manifest.version:
             raise UnknownModelVersion(
                 f"model version {str(pin)[:128]!r} is not served here "
                 f"(this worker serves {rt.model.manifest.version} only)"
             )
-        return rt.model, None
+        return rt.model, None, None
     pin = pin if isinstance(pin, str) and pin else None
     key = routing_key if isinstance(routing_key, str) and routing_key else None
-    return rt.serving.choose(pin, key, job_id)
+    return rt.serving.pick(pin, key, job_id)
+
+
+def shadow(
+    rt: Runtime,
+    rows: np.ndarray,
+    served: np.ndarray,
+    model: LoadedModel,
+    challenger: LoadedModel | None,
+) -> None:
+    """Queue the shadow run of rows `model` served, if `challenger` shadows it; never
+    waits for the run (worker.shadow), so a job's result can be returned at once."""
+    if challenger is not None and rt.serving is not None:
+        rt.serving.shadow(rows, served, model, challenger)
 
 
 def _model_fields(model: LoadedModel, arm: str | None, hostname: str) -> dict[str, Any]:
@@ -169,9 +187,7 @@ def _predict_alone(model: LoadedModel, row: np.ndarray) -> float | InferenceErro
         return PredictionFailed(f"inference failed: {exc}")
 
 
-def _choose_for(
-    rt: Runtime, request: PredictRequest | BatchRequest, job: Job
-) -> tuple[LoadedModel, str | None]:
+def _choose_for(rt: Runtime, request: PredictRequest | BatchRequest, job: Job) -> Choice:
     pin = request.model_version or job.pin
     return choose(rt, pin, request.routing_key or job.routing_key, job.task_id)
 
@@ -181,7 +197,7 @@ def predict_one(rt: Runtime, job: Job) -> dict[str, Any]:
     started = Started.now()
     try:
         request = parse(rt, PredictRequest, job.args, job.kwargs)
-        model, arm = _choose_for(rt, request, job)
+        model, arm, challenger = _choose_for(rt, request, job)
     except Exception:
         rt.stats.failed()
         raise
@@ -190,6 +206,9 @@ def predict_one(rt: Runtime, job: Job) -> dict[str, Any]:
     )
     if isinstance(result, InferenceError):
         raise result
+    if challenger is not None:
+        rows = np.asarray([request.features], dtype=np.float32)
+        shadow(rt, rows, np.asarray([result["prediction"]]), model, challenger)
     return result
 
 
@@ -198,7 +217,7 @@ def predict_batch(rt: Runtime, job: Job) -> dict[str, Any]:
     started = Started.now()
     try:
         request = parse(rt, BatchRequest, job.args, job.kwargs)
-        model, arm = _choose_for(rt, request, job)
+        model, arm, challenger = _choose_for(rt, request, job)
         # rows_f32 is decoded and checked whole (numpy), with no per-value validation.
         matrix = request.matrix()
         t0 = time.perf_counter()
@@ -209,6 +228,9 @@ def predict_batch(rt: Runtime, job: Job) -> dict[str, Any]:
         raise
     latency = _latency(job.enqueued_at, started, inference_ms)
     rt.stats.succeeded(latency.task_ms, len(out))
+    # Queued, not run: the result goes back at once. Nothing changes the rows or the
+    # predictions after this point, so the shadow thread reads them without a copy.
+    shadow(rt, matrix, out, model, challenger)
     # Predictions come back in the form the rows came in: float32 for rows_f32.
     compact = request.rows_f32 is not None
     result = BatchResult(
@@ -240,8 +262,9 @@ def explain_many(rt: Runtime, jobs: Sequence[Job]) -> list[dict[str, Any] | Infe
     for i, job in enumerate(jobs):
         try:
             request = parse(rt, ExplainRequest, job.args, job.kwargs)
-            model, arm = _choose_for(rt, request, job)
-            if model.explainer is None:
+            # Explain jobs get no shadow run: they are for reading, not serving traffic.
+            model, arm, _ = _choose_for(rt, request, job)
+            if model.ready_explainer() is None:
                 raise unavailable(model.manifest, rt.settings, model.explain_refused)
             outcomes.append(request.matrix())
         except InferenceError as exc:

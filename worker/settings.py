@@ -169,8 +169,12 @@ class WorkerSettings(ConnectionSettings):
     besides the champion and challenger."""
 
     shadow_max_share: float = Field(default=0.2, ge=0.0, le=1.0)
-    """Most of a process's time spent running the challenger in shadow: above it, batches
-    are served without their shadow run."""
+    """Most of a process's time spent running the challenger in shadow, kept over a 10 s
+    window: above it, rows are served without their shadow run (counted as skipped)."""
+
+    shadow_queue_rows: int = Field(default=65_536, ge=1, le=10_000_000)
+    """Rows waiting for their shadow run, at most, per process: beyond it, new rows are
+    served without one (counted as skipped), so the queue never holds much memory."""
 
     @property
     def artifact_auth(self) -> ArtifactAuth | None:

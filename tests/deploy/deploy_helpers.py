@@ -321,12 +321,19 @@ K8S_DIR = DEPLOY_DIR / "k8s"
 
 # The series the workers (on INFERENCE_METRICS_PORT) and the queue exporter
 # (`python -m producer metrics`) expose, by type: dashboards and alerts may use these only.
-WORKER_COUNTERS = (metrics.JOBS_TOTAL, metrics.ROWS_TOTAL)
+WORKER_COUNTERS = (
+    metrics.JOBS_TOTAL,
+    metrics.ROWS_TOTAL,
+    metrics.SERVING_DECISIONS_TOTAL,
+    metrics.SHADOW_ROWS_TOTAL,
+    metrics.SHADOW_SKIPPED_ROWS_TOTAL,
+)
 WORKER_HISTOGRAMS = (
     metrics.QUEUE_WAIT_SECONDS,
     metrics.COMPUTE_SECONDS,
     metrics.TASK_SECONDS,
     metrics.LANE_BATCH_SIZE,
+    metrics.SHADOW_ABS_DIFF,
 )
 WORKER_GAUGES = (metrics.MODEL_LOAD_SECONDS, metrics.MODEL_WARMUP_SECONDS, metrics.MODEL_INFO)
 EXPORTER_GAUGES = (

@@ -171,6 +171,31 @@ def test_model_version_per_worker(panels: list[dict[str, Any]]) -> None:
     assert target.get("instant") is True and target.get("format") == "table"
 
 
+def test_shadow_rows_and_disagreement(panels: list[dict[str, Any]]) -> None:
+    """Shadowed and skipped rows per second, and the mean (sum over count) and p99 of
+    |challenger - champion|, each per model, champion version and challenger."""
+    pair = r"model, version, challenger"
+    assert _titles_using(panels, rf"sum by \({pair}\) \(rate\(inference_shadow_rows_total\[")
+    assert _titles_using(
+        panels, rf"sum by \({pair}, reason\) \(rate\(inference_shadow_skipped_rows_total\["
+    )
+    [panel] = _titles_using(panels, r"inference_shadow_abs_diff_sum")
+    exprs = [t["expr"] for p in panels if p["title"] == panel for t in p["targets"]]
+    assert any(
+        re.search(
+            r"abs_diff_sum\[[^]]*\]\)\) / sum by \([^)]*\) \(rate\(inference_shadow_abs_diff_count",
+            e,
+        )
+        for e in exprs
+    ), exprs
+    assert any(
+        e.startswith(
+            f"histogram_quantile(0.99, sum by ({pair}, le) (rate(inference_shadow_abs_diff_bucket"
+        )
+        for e in exprs
+    ), exprs
+
+
 def test_panels_have_unique_ids_and_fit_the_grid(dashboard: dict[str, Any]) -> None:
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))

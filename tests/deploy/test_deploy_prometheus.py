@@ -42,6 +42,7 @@ EXPECTED_ALERTS = {
     "InferenceQueueWithoutWorkers",
     "InferenceOldestJobTooOld",
     "InferenceErrorRatioHigh",
+    "InferenceServingDecisionRefused",
 }
 
 

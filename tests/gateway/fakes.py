@@ -49,6 +49,8 @@ class FakeClient:
     wait_error: Exception | None = None
     report: dict[str, Any] | None = None
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+    routes: list[dict[str, str | None]] = field(default_factory=list)
+    """Each submit's model_version and routing_key, in order."""
 
     async def model_info(self, queue: str = "cpu", refresh: bool = False) -> ModelInfo | None:
         self.calls.append(("model_info", queue, refresh))
@@ -60,13 +62,52 @@ class FakeClient:
             raise self.submit_error
         return TASK_ID
 
-    async def submit(self, features: Sequence[float], queue: str = "cpu") -> str:
+    def _routed(self, model_version: str | None, routing_key: str | None) -> None:
+        self.routes.append({"model_version": model_version, "routing_key": routing_key})
+
+    async def submit(
+        self,
+        features: Sequence[float],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
+        self._routed(model_version, routing_key)
         return await self._submitted("submit", list(features), queue)
 
-    async def submit_batch(self, rows: Sequence[Sequence[float]], queue: str = "cpu") -> str:
+    async def submit_batch(
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
+        self._routed(model_version, routing_key)
         return await self._submitted("submit_batch", [list(r) for r in rows], queue)
 
-    async def submit_batch_f32(self, rows_f32: str, n_features: int, queue: str = "cpu") -> str:
+    async def submit_explain(
+        self,
+        rows: Sequence[Sequence[float]],
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
+        self._routed(model_version, routing_key)
+        return await self._submitted("submit_explain", [list(r) for r in rows], queue)
+
+    async def submit_batch_f32(
+        self,
+        rows_f32: str,
+        n_features: int,
+        queue: str = "cpu",
+        *,
+        model_version: str | None = None,
+        routing_key: str | None = None,
+    ) -> str:
+        self._routed(model_version, routing_key)
         return await self._submitted("submit_batch_f32", rows_f32, n_features, queue)
 
     async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:

@@ -210,8 +210,8 @@ def test_model_info_is_read_again_once_it_is_older_than_its_ttl() -> None:
         settings = GatewaySettings(gateway_model_info_ttl_s=ttl)
         gateway = Gateway(settings, fake)  # type: ignore[arg-type]
         fake.calls.clear()
-        await gateway.submit_row(ROW, "cpu")
-        await gateway.submit_row(ROW, "cpu")
+        await gateway.submit_row(ROW, "cpu", {})
+        await gateway.submit_row(ROW, "cpu", {})
         await gateway.model_info("cpu", refresh=True)
         return [c[2] for c in fake.calls if c[0] == "model_info"]
 
@@ -228,6 +228,7 @@ def test_the_openapi_schema_describes_every_route_with_models_examples_and_probl
     assert set(paths) == {
         "/api/v1/predict",
         "/api/v1/predict/batch",
+        "/api/v1/explain",
         "/api/v1/predict/health",
         "/api/v1/jobs",
         "/api/v1/jobs/{task_id}",
@@ -252,10 +253,10 @@ def test_the_openapi_schema_describes_every_route_with_models_examples_and_probl
                 assert media["application/problem+json"]["schema"]["$ref"].endswith(
                     "/ProblemDocument"
                 ), where
-    for name in ("PredictRequest", "BatchPredictRequest", "PredictResponse"):
+    for name in ("PredictRequest", "BatchPredictRequest", "ExplainRequest", "PredictResponse"):
         assert components[name]["examples"], name
     job_examples = paths["/api/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
-    assert set(job_examples["examples"]) == {"one row", "rows", "rows_f32"}
+    assert set(job_examples["examples"]) == {"one row", "rows", "rows_f32", "pinned", "sticky"}
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
@@ -263,10 +264,10 @@ def test_the_examples_are_requests_the_gateway_accepts() -> None:
     schema = http(FakeClient()).get("/openapi.json").json()
     client = http(FakeClient())
     components = schema["components"]["schemas"]
-    (predict,) = components["PredictRequest"]["examples"]
-    assert client.post("/api/v1/predict", json=predict).status_code == 200
-    (batch,) = components["BatchPredictRequest"]["examples"]
-    assert client.post("/api/v1/predict/batch", json=batch).status_code != 422
+    for predict in components["PredictRequest"]["examples"]:
+        assert client.post("/api/v1/predict", json=predict).status_code == 200
+    for batch in components["BatchPredictRequest"]["examples"]:
+        assert client.post("/api/v1/predict/batch", json=batch).status_code != 422
     content = schema["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]
     for example in content["application/json"]["examples"].values():
         assert client.post("/api/v1/jobs", json=example["value"]).status_code == 202

@@ -77,6 +77,23 @@ def test_batch_predict_answers_every_row_in_order(
     np.testing.assert_allclose(body["predictions"], trained_model.reference(rows), atol=1e-6)
 
 
+def test_explain_answers_each_rows_contributions_summing_to_its_prediction(
+    http: httpx.Client, trained_model: TrainedModel
+) -> None:
+    rows = trained_model.X_test[:20]
+    response = http.post("/api/v1/explain", json={"data": rows.tolist()})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["rows"] == 20 and body["task_id"] and body["total_time_ms"] > 0
+    assert body["feature_names"] == trained_model.manifest.feature_names
+    assert body["model_version"] == trained_model.manifest.version
+    np.testing.assert_allclose(body["predictions"], trained_model.reference(rows), atol=1e-5)
+    sums = body["base_value"] + np.asarray(body["contributions"]).sum(axis=1)
+    np.testing.assert_allclose(sums, body["predictions"], atol=1e-4)
+    # Checked against the model before it is enqueued, as a batch is.
+    problem(http.post("/api/v1/explain", json={"data": [[1.0, 2.0]]}), 422, "FeatureCountMismatch")
+
+
 def test_health_answers_the_report_of_the_live_worker(
     http: httpx.Client, producer_settings: ProducerSettings, cpu_worker: RunningWorker
 ) -> None:

@@ -194,6 +194,48 @@ def test_a_broken_candidate_is_not_served_and_nothing_fails(
     assert "NOT APPLIED" in format_health(report)
 
 
+def test_a_worker_started_under_a_refused_decision_serves_the_previous_champion(
+    worker: RunningWorker,
+    redis_url: str,
+    served: list,
+    versions: list,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A worker scaled up (or a pool process replaced) while the decision names a tampered
+    champion starts on the previous champion, as the running processes keep serving it,
+    instead of failing to start."""
+    current = _next(
+        redis_url, champion=served[0], challenger=None, canary_percent=0.0, shadow=False
+    )
+    _wait_generation(redis_url, worker.hostname, current.generation)
+    bad = served[1].model_copy(
+        update={"sha256": {**served[1].sha256, "model.onnx": "e" * 64}, "version": "tampered"}
+    )
+    refused = _next(redis_url, champion=bad, previous=current.champion, challenger=None)
+    _wait_generation(redis_url, worker.hostname, 0, error=True)
+
+    queue = f"late-{uuid.uuid4().hex[:6]}"
+    hostname = f"late-{uuid.uuid4().hex[:8]}@tests"
+    logs = tmp_path_factory.mktemp("late-logs")
+    env = celery_env(
+        redis_url, model_dir=versions[0].version_dir.parent.parent, model_name=NAME,
+        model_cache_dir=logs / "cache", heartbeat_s=0.5, serving_poll_s=1.0, warmup_runs=2,
+    )  # fmt: skip
+    proc = worker_process(env, logs / "worker.log", queue=queue, name=hostname, concurrency=2)
+    with serving(proc, redis_url, hostname, queue, processes=2):
+        stock = Celery("stock", broker=redis_url, backend=redis_url)
+        rows = versions[0].X_test[:20].tolist()
+        sent = [stock.send_task(TASK_PREDICT, kwargs={"features": r}, queue=queue) for r in rows]
+        results = [r.get(timeout=60) for r in sent]
+        stock.close()
+        statuses = _statuses(redis_url, hostname)
+    assert {r["model_version"] for r in results} == {current.champion.version}
+    assert len(statuses) == 2
+    for status in statuses:
+        assert f"generation {refused.generation} not served" in (status.error or "")
+        assert "sha256" in (status.error or "")
+
+
 def test_canary_pins_and_shadow(
     client: Client,
     celery_sender: Celery,

@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 import redis
 
-from contract.metrics import JOBS_TOTAL, MODEL_INFO, MODEL_LOAD_SECONDS, MODEL_WARMUP_SECONDS
+from contract.metrics import (
+    APPLIED,
+    DECISION_REFUSED,
+    JOBS_TOTAL,
+    MODEL_INFO,
+    MODEL_LOAD_SECONDS,
+    MODEL_WARMUP_SECONDS,
+    SERVING_DECISIONS_TOTAL,
+)
 from contract.names import TASK_EXPLAIN, TASK_PREDICT, row_queue
 from contract.schemas import ServedVersion, ServingDecision
 from producer.client import Client
@@ -131,9 +139,11 @@ def test_jobs_and_model_gauges_follow_a_hot_swap(
         text = wait_for("the first jobs counted", lambda: _counted(mw, one, len(rows)))
         assert _versions(text, MODEL_INFO) == {one}
 
+        applied = _decisions(mw).get((NAME, APPLIED), 0)
         _publish(redis_url, 1, served[1])
         hostname = mw.worker.hostname
         wait_for("both processes on generation 1", lambda: _generation(redis_url, hostname) == {1})
+        assert _decisions(mw).get((NAME, APPLIED)) == applied + 2  # one per process
         after = _serve(client, mw, rows)
         assert {r["model_version"] for r in after} == {two}
         _after_swap(mw, rows, one, two)
@@ -143,6 +153,38 @@ def test_jobs_and_model_gauges_follow_a_hot_swap(
     text = wait_for("the pinned version's model info", lambda: _info_is(mw, {one, two}), 20)
     wait_for("the pinned job counted", lambda: _count(mw, TASK_EXPLAIN, one) == 3)
     assert {labels["version"] for labels, _ in samples(text, MODEL_LOAD_SECONDS)} == {one, two}
+
+
+def _decisions(mw: MetricsWorker) -> dict[tuple[str, ...], float]:
+    return by(scrape(mw.port), SERVING_DECISIONS_TOTAL, ("model", "outcome"))
+
+
+def test_a_refused_decision_is_counted_and_the_old_version_keeps_serving(
+    swap_worker: MetricsWorker, redis_url: str, served: list, versions: list
+) -> None:
+    mw = swap_worker
+    _publish(redis_url, 6, served[1])
+    hostname = mw.worker.hostname
+    wait_for("both processes on generation 6", lambda: _generation(redis_url, hostname) == {6})
+    before = _decisions(mw)
+    # A decision whose manifest hash matches no copy of the version: a tampered artifact.
+    tampered = served[0].model_copy(
+        update={"sha256": {**served[0].sha256, "manifest.json": "0" * 64}}
+    )
+    _publish(redis_url, 7, tampered)
+    wait_for(
+        "both processes refusing generation 7",
+        lambda: (
+            _decisions(mw).get((NAME, DECISION_REFUSED), 0)
+            == before.get((NAME, DECISION_REFUSED), 0) + 2
+        ),
+    )
+    rows = versions[0].X_test[:5].astype(float).tolist()
+    with Client(ProducerSettings(redis_url=redis_url, wait_timeout_s=60)) as client:
+        results = [client.wait(i) for i in client.submit_many(rows, queue=mw.queue)]
+    assert {r["model_version"] for r in results} == {served[1].version}
+    assert _generation(redis_url, hostname) == {6}
+    assert _decisions(mw).get((NAME, APPLIED)) == before.get((NAME, APPLIED))
 
 
 def _after_swap(mw: MetricsWorker, rows: list[list[float]], one: str, two: str) -> None:

@@ -91,6 +91,41 @@ def test_jobs_are_enqueued_as_the_sync_client_enqueues_them() -> None:
     assert [json.loads(raw)["headers"]["id"] for raw in reversed(rows)] == ids[:3]
 
 
+ROUTE = {"model_version": "2", "routing_key": "user-42"}
+
+
+def _kwargs(raw: list[Any]) -> list[dict[str, Any]]:
+    return [json.loads(json.loads(m)["body"])[1] for m in reversed(raw)]
+
+
+def test_every_submit_sends_a_pin_and_a_routing_key_in_its_kwargs_sync_and_async() -> None:
+    f32 = encode_f32([[1.0, 2.0]])
+
+    async def submit(client: AsyncClient) -> list[dict[str, Any]]:
+        await client.submit([1.0, 2.0], **ROUTE)
+        await client.submit_batch([[1.0, 2.0]], **ROUTE)
+        await client.submit_batch_f32(f32, 2, **ROUTE)
+        await client.submit_batch_f32(f32, 2)
+        rows = await client.broker.lrange("inference.cpu.rows", 0, -1)
+        return _kwargs(rows) + _kwargs(await client.broker.lrange("inference.cpu", 0, -1))
+
+    sync = sync_client()
+    sync.submit([1.0, 2.0], **ROUTE)
+    sync.submit_batch([[1.0, 2.0]], **ROUTE)
+    sync.submit_batch_f32(f32, 2, **ROUTE)
+    sync.submit_batch_f32(f32, 2)
+    sent = _kwargs(sync.broker.lrange("inference.cpu.rows", 0, -1))
+    sent += _kwargs(sync.broker.lrange("inference.cpu", 0, -1))
+    expected = [
+        {"features": [1.0, 2.0], **ROUTE},
+        {"rows": [[1.0, 2.0]], "rows_f32": None, "n_features": None, **ROUTE},
+        {"rows_f32": f32, "n_features": 2, **ROUTE},
+        {"rows_f32": f32, "n_features": 2},  # neither: sent as before they existed
+    ]
+    assert sent == expected
+    assert run(submit) == expected
+
+
 def test_results_typed_errors_and_timeouts() -> None:
     async def read(client: AsyncClient) -> list[Any]:
         await client.redis.set(result_key("a"), meta("SUCCESS", {"prediction": 2.0}))

@@ -111,6 +111,28 @@ def test_a_job_sent_with_a_priority_is_taken_while_the_queue_is_idle(url: str) -
     assert [m.headers["id"] for m in got] == [task_id]
 
 
+def test_the_take_is_reloaded_after_redis_forgets_its_scripts(
+    url: str, client: redis.Redis
+) -> None:
+    """The consumer sends the take by SHA: a server that forgot it (restarted, or SCRIPT
+    FLUSH) answers NOSCRIPT, and the consumer loads it again and takes every job, once."""
+    first = send(url, 2)
+    with Connection(url, transport=TRANSPORT) as conn:
+        got = consume(conn, 2)
+        for message in got:
+            message.ack()
+        client.script_flush()
+        sha = conn.default_channel._take().sha  # type: ignore[attr-defined]
+        assert client.script_exists(sha) == [False]
+        second = send(url, 3)
+        got += consume(conn, 3)
+        assert client.script_exists(sha) == [True]
+        for message in got[2:]:
+            message.ack()
+    assert [m.headers["id"] for m in got] == first + second
+    assert client.hlen(UNACKED_KEY) == 0 and client.llen(QUEUE) == 0
+
+
 def test_a_dead_holders_jobs_go_back_and_a_live_ones_stay(url: str, client: redis.Redis) -> None:
     ids = send(url, 4)
     with Connection(url, transport=TRANSPORT) as conn:

@@ -91,6 +91,45 @@ def test_a_version_with_a_bad_sha256_is_not_served(
     assert not (settings.model_cache_dir / NAME / versions[1].manifest.version).exists()
 
 
+def test_a_refused_decision_is_not_retried_but_an_unreachable_store_is(
+    settings: WorkerSettings, versions: list[TrainOutcome], tmp_path: Path
+) -> None:
+    serving = Serving(settings, load_model(settings))
+    bad = served_version(versions[1].version_dir)
+    bad = bad.model_copy(update={"sha256": {**bad.sha256, "model.onnx": "0" * 64}})
+    assert not serving.apply(decision(3, bad))
+    assert serving.refused_generation == 3
+    # The poll reads the same decision again: it is not fetched again (the copy is gone).
+    (versions[1].version_dir / "model.onnx").rename(tmp_path / "moved.onnx")
+    try:
+        assert not serving.apply(decision(3, bad))
+        assert "sha256" in (serving.error or "")
+    finally:
+        (tmp_path / "moved.onnx").rename(versions[1].version_dir / "model.onnx")
+    # A store that can't be read is tried again on the next poll, and then served.
+    gone = served_version(versions[1].version_dir).model_copy(
+        update={"location": str(tmp_path / "not-yet")}
+    )
+    assert not serving.apply(decision(4, gone))
+    assert "cannot read" in (serving.error or "") and serving.refused_generation == 3
+    (tmp_path / "not-yet").symlink_to(versions[1].version_dir)
+    assert serving.apply(decision(4, gone))
+    assert serving.arms.champion.manifest.version == versions[1].manifest.version
+
+
+def test_a_decision_naming_a_loaded_version_with_other_hashes_is_refused(
+    settings: WorkerSettings, versions: list[TrainOutcome]
+) -> None:
+    """The copy a process holds is served only under a decision that names its manifest."""
+    serving = Serving(settings, load_model(settings))
+    same = served_version(versions[0].version_dir)
+    forged = same.model_copy(update={"sha256": {**same.sha256, "manifest.json": "1" * 64}})
+    assert not serving.apply(decision(1, forged))
+    assert "differs" in (serving.error or "") and serving.status().generation == -1
+    assert serving.apply(decision(2, same))
+    assert serving.status().generation == 2 and serving.error is None
+
+
 def test_a_version_with_another_feature_count_is_not_served(
     settings: WorkerSettings, versions: list[TrainOutcome], tmp_path: Path
 ) -> None:
@@ -122,13 +161,20 @@ def test_pins_canary_and_shadow(settings: WorkerSettings, versions: list[TrainOu
         serving.choose("../../etc", None, "job")
 
     rows = versions[0].X_test[:200].astype(np.float32)
-    served = serving.arms.champion.predict(rows)
-    serving.shadow(rows, served)
+    key = next(k for k in keys if not in_canary(k, 10))
+    model, arm, challenger = serving.pick(None, key, "job")
+    assert (model, arm, challenger) == (
+        serving.arms.champion, ARM_CHAMPION, serving.arms.challenger
+    )  # fmt: skip
+    served = model.predict(rows)
+    serving.shadow(rows, served, model, challenger)
+    assert serving.drain_shadow()
     status = serving.status()
     expected = np.abs(serving.arms.challenger.predict(rows) - served)  # type: ignore[union-attr]
     assert status.shadow_rows == 200
     assert status.shadow_mean_abs_diff == pytest.approx(float(expected.mean()), rel=1e-4)
     assert status.loaded_versions == sorted({one.version, two.version})
+    serving.close()
 
 
 def test_pinned_versions_are_kept_least_recently_used(

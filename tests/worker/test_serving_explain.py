@@ -103,7 +103,7 @@ def test_each_explain_job_is_explained_by_the_version_that_serves_it(
     assert not np.allclose(results[0].contributions[:2], results[1].contributions)
 
 
-def test_a_version_loaded_by_a_swap_carries_its_explainer(
+def test_a_version_loaded_by_a_swap_loads_its_explainer_on_the_first_explain_job(
     versions: list[TrainOutcome], tmp_path: Path
 ) -> None:
     rt = _runtime(versions, tmp_path)
@@ -115,10 +115,42 @@ def test_a_version_loaded_by_a_swap_carries_its_explainer(
         )
     )  # fmt: skip
     champion = rt.serving.arms.champion
-    assert champion.explainer is not None
-    assert champion.explainer.base_value == versions[1].manifest.base_value
-    assert champion.explainer.session is not rt.model.explainer.session  # type: ignore[union-attr]
+    # The swap loaded the prediction model only: explain.onnx waits for an explain job.
+    assert champion.explainer is None and champion.explains
+    rt.model = champion
+    job = service.Job((), {"rows": versions[1].X_test[:3].tolist()}, None, "h")
+    result = service.explain(rt, job)
+    explainer = champion.explainer
+    assert explainer is not None and champion.explain_from is None
+    assert result["base_value"] == explainer.base_value == versions[1].manifest.base_value
+    np.testing.assert_allclose(
+        result["contributions"], _contributions(versions[1], versions[1].X_test[:3]), atol=1e-12
+    )
+    assert explainer.session is not rt.serving.arms.champion.session
     assert champion.load_s > 0
+
+
+def test_a_tampered_explain_file_found_on_first_use_fails_explain_jobs_only(
+    versions: list[TrainOutcome], tmp_path: Path
+) -> None:
+    rt = _runtime(versions, tmp_path)
+    assert rt.serving is not None
+    rt.serving.apply(
+        ServingDecision(
+            name=NAME, generation=1, champion=served_version(versions[1].version_dir),
+            decided_at=time.time(),
+        )
+    )  # fmt: skip
+    champion = rt.model = rt.serving.arms.champion
+    assert champion.explain_from is not None
+    explain_file = champion.explain_from[1] / "explain.onnx"
+    explain_file.write_bytes(explain_file.read_bytes()[:-1] + b"x")
+    job = service.Job((), {"rows": versions[1].X_test[:2].tolist()}, None, "h")
+    with pytest.raises(ExplainUnavailable, match="sha256"):
+        service.explain(rt, job)
+    # Predictions go on, from the same version.
+    row = service.Job((), {"features": versions[1].X_test[0].tolist()}, None, "h")
+    assert service.predict_one(rt, row)["model_version"] == champion.manifest.version
 
 
 def test_without_explanations_a_swapped_in_version_refuses_explain_jobs(

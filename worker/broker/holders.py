@@ -27,8 +27,9 @@ import threading
 import uuid
 
 import redis
+from redis.commands.core import Script
 
-from contract.names import ALIVE_PREFIX, UNACKED_INDEX_KEY, alive_key, held_key
+from contract.names import UNACKED_INDEX_KEY, alive_key, held_key
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Holders:
                 client.delete(alive_key(holder))
 
     def _run(self) -> None:
+        scripts: dict[int, Script] = {}
         while True:
             with self._lock:
                 live = dict(self._live)
@@ -103,16 +105,21 @@ class Holders:
                     log.debug("could not refresh holder %s: %s", holder, exc)
             if reaper is not None:
                 try:
-                    reap(reaper)
+                    if id(reaper) not in scripts:
+                        scripts.clear()
+                        scripts[id(reaper)] = reaper.register_script(_REAP)
+                    reap(reaper, scripts[id(reaper)])
                 except redis.RedisError as exc:
                     log.debug("could not reap lapsed holders: %s", exc)
             self._wake.wait(ttl_ms / 3000)
 
 
-def reap(client: redis.Redis) -> int:
+def reap(client: redis.Redis, script: Script | None = None) -> int:
     """Mark as due every message of every holder whose alive key has lapsed; returns how many
-    were marked. kombu's restore scan then hands them back."""
-    script = client.register_script(_REAP)
+    were marked. kombu's restore scan then hands them back. `script`: _REAP registered on
+    `client` once, for a caller that reaps every few seconds."""
+    if script is None:
+        script = client.register_script(_REAP)
     marked = 0
     for key in client.scan_iter(match=f"{held_key('')}*", count=500):
         holder = (key.decode() if isinstance(key, bytes) else key)[len(held_key("")) :]
@@ -134,4 +141,4 @@ def holders() -> Holders:
     return _holders
 
 
-__all__ = ["ALIVE_PREFIX", "Holders", "holders", "new_holder", "reap"]
+__all__ = ["Holders", "holders", "new_holder", "reap"]

@@ -11,6 +11,7 @@ test_transport.py fails first if a kombu release changes any of it.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ def queue_of_list(name: str) -> str:
     return name.rsplit(PRIORITY_SEP, 1)[0]
 
 
+@functools.lru_cache(maxsize=4096)
 def held_record_tail(exchange: str, routing_key: str) -> str:
     """What follows the message in its `unacked` record: `,"<exchange>","<routing key>"]`.
     Held messages are recorded under the default exchange with their queue as routing key,
@@ -67,6 +69,15 @@ class Take:
     @property
     def source(self) -> str:
         return str(self._script.script)
+
+    @property
+    def sha(self) -> str:
+        """The script's SHA1, for EVALSHA sent by hand."""
+        return str(self._script.sha)
+
+    def load(self) -> None:
+        """(Re)load the script into Redis: after NOSCRIPT (a restarted or flushed server)."""
+        self._script.registered_client.script_load(self._script.script)
 
 
 def parse_take(flat: Any, lists: Sequence[str]) -> list[tuple[str, str, bytes]]:

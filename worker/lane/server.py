@@ -53,7 +53,6 @@ from worker.messages import body_problem, envelope_problem
 from worker.model import LoadedModel
 from worker.observe import LaneObserver
 from worker.runtime import Runtime
-from worker.serving import ARM_CHAMPION
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +79,8 @@ class _Job:
     model: LoadedModel | None = None
     """The version that serves a single-row job (worker.serving), and its arm."""
     arm: str | None = None
+    challenger: LoadedModel | None = None
+    """The challenger that runs on its row in shadow, if any (chosen with its version)."""
 
 
 def _by_version(rows: list[_Job]) -> list[list[_Job]]:
@@ -208,7 +209,7 @@ class RowLane:
         rows = [j for j in jobs if j.error is None and not j.revoked and j.batch is None]
         batches = [j for j in jobs if j.error is None and not j.revoked and j.batch is not None]
         writes: list[tuple[str, str]] = []
-        shadowed: list[tuple[list[float], float]] = []
+        shadowed: list[_Job] = []
         for group in _by_version(rows):
             outcomes = service.predict_rows(
                 self.rt,
@@ -226,8 +227,8 @@ class RowLane:
                 else:
                     job.result = outcome
                     writes.append(docs.success(job.task_id, outcome))
-                    if job.arm == ARM_CHAMPION:
-                        shadowed.append((job.features or [], outcome["prediction"]))
+                    if job.challenger is not None:
+                        shadowed.append(job)
         for job in jobs:
             if job.error is not None and job.features is None:
                 self.rt.stats.failed()  # refused unread; predict_rows counted the rest
@@ -243,12 +244,8 @@ class RowLane:
         if served:
             self._on_batch(served)
         self.observer.served([j for j in jobs if j.batch is None], started, len(jobs))
-        if shadowed and self.rt.serving is not None:
-            # After the results are written: the shadow run never delays them.
-            self.rt.serving.shadow(
-                np.asarray([f for f, _ in shadowed], dtype=np.float32),
-                np.asarray([p for _, p in shadowed], dtype=np.float64),
-            )
+        # After the results are written, and only queued: the shadow runs never delay them.
+        self._shadow(shadowed)
         explains = [j for j in batches if j.task == TASK_EXPLAIN]
         if explains:
             begun = service.Started.now()
@@ -261,6 +258,22 @@ class RowLane:
             done = self._serve_batch(job, results.Documents(self.backend))
             self.transport.finish([done], [job.tag] if job.tag else [])
             self.observer.served([job], begun)
+
+    def _shadow(self, jobs: list[_Job]) -> None:
+        """Rows grouped by champion and challenger (a swap within the take may split them)."""
+        groups: dict[tuple[int, int], list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault((id(job.model), id(job.challenger)), []).append(job)
+        for group in groups.values():
+            first = group[0]
+            assert first.model is not None
+            service.shadow(
+                self.rt,
+                np.asarray([j.features or [] for j in group], dtype=np.float32),
+                np.asarray([(j.result or {})["prediction"] for j in group], dtype=np.float64),
+                first.model,
+                first.challenger,
+            )
 
     def _serve_explains(self, jobs: list[_Job]) -> None:
         """The explain jobs of one take, explained together, their results in one write."""
@@ -349,7 +362,7 @@ class RowLane:
             return job
         try:
             request = service.parse(self.rt, PredictRequest, tuple(args), kwargs)
-            job.model, job.arm = service.choose(
+            job.model, job.arm, job.challenger = service.choose(
                 self.rt,
                 request.model_version or message.headers.get(HEADER_MODEL_VERSION),
                 request.routing_key or message.headers.get(HEADER_ROUTING_KEY),
