@@ -2,12 +2,19 @@
 
 Redis: the server at REDIS_URL when that is set, otherwise a private
 redis-server started for the session. Tests never flush it: each one works
-under its own task ids, worker names and keys.
+under its own task ids, worker names and keys. MLflow: a real `mlflow server`
+process, started for the session by the first test that asks for it; tests
+register models under names of their own.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -18,7 +25,14 @@ from celery import Celery
 from producer.settings import ProducerSettings
 from stack.embedded_redis import EmbeddedRedis
 from stack.processes import celery_env, worker_process
-from tests.support import TEST_MAX_BATCH_ROWS, RunningWorker, TrainedModel, serving
+from tests.support import (
+    TEST_MAX_BATCH_ROWS,
+    MlflowServer,
+    RunningWorker,
+    SyncCommand,
+    TrainedModel,
+    serving,
+)
 from training.artifact import load_manifest
 
 
@@ -30,6 +44,91 @@ def redis_url() -> Iterator[str]:
         return
     with EmbeddedRedis() as server:
         yield server.url
+
+
+MLFLOW_START_TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """`mlflow server` with its own SQLite store and artifact folder, serving artifacts over
+    its REST API (what workers on other hosts fetch from). The dev extra installs MLflow, so
+    a server that does not start fails the test: it never skips."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    # Webhooks to the tests' plain-HTTP receivers on 127.0.0.1 (by default MLflow accepts
+    # https URLs on public addresses only), seen 1 s after they are made (60 s by default).
+    env = {
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+    }
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME"):
+        env.pop(name, None)
+    log_path = root / "server.log"
+    args = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+        "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer in {MLFLOW_START_TIMEOUT_S:g}s")
+            time.sleep(0.5)
+        yield MlflowServer(url=url, artifacts=root / "artifacts", log=log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+# `python -m training sync` as it runs in the gateway's image (the base install): none of
+# the training extra (MLflow, scikit-learn, ONNX, onnxruntime) nor SHAP can be imported.
+_WITHOUT_MLFLOW = """
+import runpy, sys
+BLOCKED = ("mlflow", "sklearn", "skl2onnx", "onnx", "onnxruntime", "shap")
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (not installed here)")
+sys.meta_path.insert(0, Blocked())
+sys.argv = ["training", *sys.argv[1:]]
+runpy.run_module("training", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture
+def sync_without_mlflow(mlflow_server: MlflowServer, redis_url: str) -> SyncCommand:
+    """`python -m training --name NAME sync [args]` against the server, in a process where
+    MLflow, scikit-learn, ONNX and onnxruntime cannot be imported."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(
+        MLFLOW_TRACKING_URI=mlflow_server.url, INFERENCE_REDIS_URL=redis_url, REDIS_URL=redis_url
+    )
+    return SyncCommand([sys.executable, "-c", _WITHOUT_MLFLOW], env)
 
 
 @pytest.fixture

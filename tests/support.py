@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,40 @@ from training.artifact import Manifest
 
 TEST_MAX_BATCH_ROWS = 5_000
 """The row limit the shared test worker is started with."""
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    """A running `mlflow server` (the mlflow_server fixture)."""
+
+    url: str
+    artifacts: Path
+    """Its --artifacts-destination: what its artifact REST API serves."""
+    log: Path
+
+    def artifact_dir(self, source: str) -> Path:
+        """The folder holding a `mlflow-artifacts:/...` model version source."""
+        return self.artifacts / source.removeprefix("mlflow-artifacts:").lstrip("/")
+
+
+@dataclass(frozen=True)
+class SyncCommand:
+    """`python -m training --name NAME sync [args]` as a given interpreter command runs it."""
+
+    prefix: list[str]
+    env: dict[str, str]
+
+    def __call__(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [*self.prefix, "--name", name, "sync", *args]
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=120)
+
+    def start(self, name: str, *args: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
+        """In the background (`--every`, `--listen`), its output in `log`."""
+        argv = [*self.prefix, "--name", name, "sync", *args]
+        with log.open("wb") as out:
+            return subprocess.Popen(
+                argv, env={**self.env, **env}, stdout=out, stderr=subprocess.STDOUT
+            )
 
 
 @dataclass(frozen=True)

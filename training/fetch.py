@@ -6,16 +6,20 @@ checked (every file's sha256 against the serving decision, then the manifest's o
 checks) and renamed into place in one step: two processes fetching the same version at
 once each build their own copy, and a reader never sees a half-written one.
 
-Standard library and pydantic only, so that workers use it without MLflow.
+Standard library and pydantic only, so that workers use it without MLflow. Credentials for
+an MLflow server (ArtifactAuth) go to that server's URLs only, never to another host a
+decision might name.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import secrets
 import shutil
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -29,16 +33,41 @@ HTTP_TIMEOUT_S = 30.0
 MAX_FILE_BYTES = 2 * 1024**3
 
 
+def auth_headers(
+    token: str | None = None, username: str | None = None, password: str | None = None
+) -> dict[str, str]:
+    """The Authorization header MLflow's clients send for these credentials (none: {}):
+    MLFLOW_TRACKING_TOKEN as a bearer token, else basic auth."""
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    if username and password:
+        pair = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        return {"Authorization": f"Basic {pair}"}
+    return {}
+
+
+@dataclass(frozen=True)
+class ArtifactAuth:
+    """Headers sent with downloads from one MLflow server, and to no other URL."""
+
+    server: str
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def for_url(self, url: str) -> dict[str, str]:
+        return dict(self.headers) if url.startswith(self.server.rstrip("/") + "/") else {}
+
+
 def is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
-def read_file(location: str, name: str) -> bytes:
+def read_file(location: str, name: str, auth: ArtifactAuth | None = None) -> bytes:
     """File `name` of the artifact folder at `location`."""
     if is_url(location):
         url = f"{location.rstrip('/')}/{name}"
+        request = urllib.request.Request(url, headers=auth.for_url(url) if auth else {})
         try:
-            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
                 data = response.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             raise ArtifactUnreachable(f"cannot download {url}: {exc}") from None
@@ -56,14 +85,14 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_hashes(location: str) -> dict[str, str]:
+def file_hashes(location: str, auth: ArtifactAuth | None = None) -> dict[str, str]:
     """sha256 of the manifest and of every model file it names, after checking the model
     files against the manifest: what a serving decision records."""
-    raw = read_file(location, MANIFEST_FILE)
+    raw = read_file(location, MANIFEST_FILE, auth)
     manifest = _manifest(raw, location)
     hashes = {MANIFEST_FILE: sha256_bytes(raw)}
     for entry in manifest.files.values():
-        actual = sha256_bytes(read_file(location, entry.path))
+        actual = sha256_bytes(read_file(location, entry.path, auth))
         if actual != entry.sha256:
             raise ModelArtifactError(
                 f"{entry.path} at {location} has sha256 {actual[:12]}..., its manifest says "
@@ -74,7 +103,12 @@ def file_hashes(location: str) -> dict[str, str]:
 
 
 def fetch_version(
-    served: ServedVersion, cache_dir: Path, name: str, *, check_files: bool = True
+    served: ServedVersion,
+    cache_dir: Path,
+    name: str,
+    auth: ArtifactAuth | None = None,
+    *,
+    check_files: bool = True,
 ) -> tuple[Path, Manifest]:
     """The checked local copy of `served`: <cache_dir>/<name>/<version>/ and its manifest,
     fetched first if the cache does not hold it. Its manifest is always checked against the
@@ -91,7 +125,7 @@ def fetch_version(
             for filename, expected in sorted(served.sha256.items()):
                 if Path(filename).name != filename:
                     raise ModelArtifactError(f"refusing the file name {filename!r}")
-                data = read_file(served.location, filename)
+                data = read_file(served.location, filename, auth)
                 actual = sha256_bytes(data)
                 if actual != expected:
                     raise ModelArtifactError(

@@ -57,7 +57,9 @@ def run_gate(
     champion_r2: float | None = None
     if current is not None and current.champion.n_features == manifest.n_features:
         with tempfile.TemporaryDirectory(prefix="gate-") as cache:
-            champion_dir, champion = fetch_version(current.champion, Path(cache), name)
+            champion_dir, champion = fetch_version(
+                current.champion, Path(cache), name, registry.artifact_auth
+            )
             champion_r2 = onnx_r2(champion_dir, champion, X, y)
     metrics = {"gate_r2": candidate_r2}
     if champion_r2 is not None:

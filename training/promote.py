@@ -5,6 +5,11 @@ sha256), opened with onnxruntime and run on rows of the champion's width. A vers
 fails is refused, and nothing changes. Then the decision (contract.schemas.ServingDecision)
 is written to Redis, where every worker reads it, and its model's name published on
 SERVING_CHANNEL, so that workers load it at once instead of at their next poll.
+
+The registry is MLflow's client (training.registry) or its REST API over plain HTTP
+(training.mlflow_http, for `sync` where MLflow is not installed): one code path for both.
+Where onnxruntime is not installed either, a version's files are checked (every sha256,
+the manifest) but not run; the workers run it before they serve it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from contract.names import (
 from contract.schemas import ServedVersion, ServingDecision, WorkerState
 from training.artifact import Manifest
 from training.fetch import fetch_version, file_hashes
-from training.registry import TAG_PREVIOUS_CHAMPION, Registry, RegistryVersion
+from training.registry_types import TAG_PREVIOUS_CHAMPION, RegistryLike, RegistryVersion
 
 
 def read_decision(client: redis.Redis, name: str) -> ServingDecision | None:
@@ -41,11 +46,11 @@ def publish_decision(client: redis.Redis, decision: ServingDecision) -> None:
     client.publish(SERVING_CHANNEL, decision.name)
 
 
-def served_version(registry: Registry, version: RegistryVersion) -> ServedVersion:
+def served_version(registry: RegistryLike, version: RegistryVersion) -> ServedVersion:
     """The version as workers will fetch it, after the checks they will make."""
     location = registry.location(version)
     try:
-        hashes = file_hashes(location)
+        hashes = file_hashes(location, registry.artifact_auth)
         with tempfile.TemporaryDirectory(prefix="promote-check-") as cache:
             _, manifest = fetch_version(
                 ServedVersion(
@@ -56,6 +61,7 @@ def served_version(registry: Registry, version: RegistryVersion) -> ServedVersio
                 ),
                 Path(cache),
                 "check",
+                registry.artifact_auth,
             )
             _run_once(Path(cache) / "check" / version.artifact_version, manifest)
     except InferenceError as exc:
@@ -69,7 +75,18 @@ def served_version(registry: Registry, version: RegistryVersion) -> ServedVersio
     )
 
 
+def can_run_models() -> bool:
+    """Whether this install can run a version before serving it (onnxruntime is there)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _run_once(version_dir: Path, manifest: Manifest) -> None:
+    if not can_run_models():
+        return
     import onnxruntime as ort
 
     path = version_dir / manifest.files["cpu"].path
@@ -86,7 +103,7 @@ def _run_once(version_dir: Path, manifest: Manifest) -> None:
 
 
 def promote(
-    registry: Registry,
+    registry: RegistryLike,
     client: redis.Redis,
     name: str,
     ref: str,
@@ -142,7 +159,7 @@ def promote(
     return decision
 
 
-def rollback(registry: Registry, client: redis.Redis, name: str) -> ServingDecision:
+def rollback(registry: RegistryLike, client: redis.Redis, name: str) -> ServingDecision:
     """Drop the challenger if there is one (canary, shadow); otherwise serve the previous
     champion again."""
     current = read_decision(client, name)
@@ -162,7 +179,7 @@ def rollback(registry: Registry, client: redis.Redis, name: str) -> ServingDecis
     return decision
 
 
-def sync(registry: Registry, client: redis.Redis, name: str) -> ServingDecision | None:
+def sync(registry: RegistryLike, client: redis.Redis, name: str) -> ServingDecision | None:
     """Serve the version MLflow's champion alias names, if the decision says otherwise: an
     alias moved in MLflow's UI (or by another client) reaches the workers. None if in step."""
     number = registry.aliases(name).get(ALIAS_CHAMPION)
@@ -174,11 +191,13 @@ def sync(registry: Registry, client: redis.Redis, name: str) -> ServingDecision 
     return promote(registry, client, name, number)
 
 
-def _move_aliases(registry: Registry, name: str, decision: ServingDecision) -> None:
+def _move_aliases(registry: RegistryLike, name: str, decision: ServingDecision) -> None:
     champion = decision.champion.registry_version
     old = registry.aliases(name).get(ALIAS_CHAMPION)
-    if champion is not None:
-        if old is not None and old != champion:
+    # No write when the alias is already there: `sync` follows an alias moved in MLflow and
+    # may hold read-only credentials.
+    if champion is not None and old != champion:
+        if old is not None:
             registry.remember(name, TAG_PREVIOUS_CHAMPION, old)
         registry.set_alias(name, ALIAS_CHAMPION, champion)
     challenger = decision.challenger

@@ -13,33 +13,27 @@ import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from contract.errors import RegistryError
 from training.artifact import Manifest
+from training.fetch import ArtifactAuth, auth_headers
+from training.registry_types import (
+    ARTIFACT_PATH,
+    TAG_ARTIFACT_VERSION,
+    TAG_N_FEATURES,
+    TAG_PREVIOUS_CHAMPION,
+    RegistryVersion,
+    artifact_location,
+    find_version,
+)
 from training.settings import RegistrySettings
 
-TAG_ARTIFACT_VERSION = "artifact_version"
-TAG_N_FEATURES = "n_features"
-# Where the remembered previous champion is kept, on the registered model.
-TAG_PREVIOUS_CHAMPION = "previous_champion"
-ARTIFACT_PATH = "model"
+__all__ = ["TAG_PREVIOUS_CHAMPION", "Registry", "RegistryVersion"]
+
 DB_FILE = "registry.db"
 LOCK_FILE = ".open.lock"
-
-
-@dataclass(frozen=True)
-class RegistryVersion:
-    number: str
-    artifact_version: str
-    source: str
-    created_ms: int
-    run_id: str | None
-    aliases: tuple[str, ...]
-    metrics: dict[str, float]
 
 
 def _import_mlflow() -> Any:
@@ -72,9 +66,16 @@ class Registry:
     def __init__(self, settings: RegistrySettings, model_dir: Path) -> None:
         mlflow = _import_mlflow()
         self.server = settings.tracking_uri
+        self.artifact_auth: ArtifactAuth | None = None
         if self.server:
             uri = self.server
             self.artifact_root: str | None = None
+            self.artifact_auth = ArtifactAuth(
+                self.server,
+                auth_headers(
+                    settings.tracking_token, settings.tracking_username, settings.tracking_password
+                ),
+            )
             self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
             return
         root = settings.embedded_dir(model_dir).resolve()
@@ -154,10 +155,7 @@ class Registry:
 
     def get(self, name: str, ref: str) -> RegistryVersion:
         """A version by number, alias or artifact version."""
-        for version in self.versions(name):
-            if ref in (version.number, version.artifact_version, *version.aliases):
-                return version
-        raise RegistryError(f"model {name!r} has no version, alias or artifact {ref!r}")
+        return find_version(self.versions(name), name, ref)
 
     def versions(self, name: str) -> list[RegistryVersion]:
         """Every registered version of `name`, oldest first."""
@@ -186,17 +184,7 @@ class Registry:
     def location(self, version: RegistryVersion) -> str:
         """Where workers fetch the version's files: a path (embedded: the artifact folder,
         which hosts share) or the server's artifact REST API."""
-        source = version.source
-        if source.startswith("file://"):
-            return urlsplit(source).path
-        if source.startswith("mlflow-artifacts:"):
-            if not self.server:
-                raise RegistryError(f"{source} needs an MLflow server (MLFLOW_TRACKING_URI)")
-            path = urlsplit(source).path.lstrip("/")
-            return f"{self.server.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/{path}"
-        if "://" in source or source.startswith("runs:"):
-            raise RegistryError(f"workers cannot fetch {source}: not a path nor served by MLflow")
-        return source
+        return artifact_location(version.source, self.server)
 
     def _artifact_location(self, name: str) -> str | None:
         if self.artifact_root is None:

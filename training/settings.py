@@ -21,6 +21,31 @@ class RegistrySettings(BaseSettings):
     """MLflow server (http://host:5000) holding runs and the model registry; unset: the
     embedded registry, a SQLite file and an artifact folder under <model_dir>/mlflow/."""
 
+    tracking_token: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_TOKEN", "INFERENCE_TRACKING_TOKEN"),
+        repr=False,
+    )
+    """Bearer token the HTTP `sync` sends to the MLflow server (as MLflow's clients do)."""
+
+    tracking_username: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_USERNAME", "INFERENCE_TRACKING_USERNAME"),
+    )
+    """With tracking_password: HTTP basic auth for the MLflow server (`mlflow server
+    --app-name basic-auth`); the token wins when both are set."""
+
+    tracking_password: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_PASSWORD", "INFERENCE_TRACKING_PASSWORD"),
+        repr=False,
+    )
+    """The password of tracking_username."""
+
+    webhook_secret: str | None = Field(default=None, repr=False)
+    """The secret of MLflow's webhook (`sync --listen`): requests not signed with it are
+    refused."""
+
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("INFERENCE_REDIS_URL", "REDIS_URL"),

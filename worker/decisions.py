@@ -55,7 +55,9 @@ def check_served_artifact(settings: WorkerSettings, provider: str) -> Manifest:
     if decision is None:
         return resolve_artifact(settings, provider)[0]
     try:
-        return fetch_version(decision.champion, settings.model_cache_dir, settings.model_name)[1]
+        return fetch_version(
+            decision.champion, settings.model_cache_dir, settings.model_name, settings.artifact_auth
+        )[1]
     except ModelArtifactError as exc:
         # As each process does (worker.runtime): serve what the running workers keep serving.
         if exc.retryable or decision.previous is None:
@@ -66,7 +68,9 @@ def check_served_artifact(settings: WorkerSettings, provider: str) -> Manifest:
             exc,
             decision.previous.version,
         )
-        return fetch_version(decision.previous, settings.model_cache_dir, settings.model_name)[1]
+        return fetch_version(
+            decision.previous, settings.model_cache_dir, settings.model_name, settings.artifact_auth
+        )[1]
 
 
 class DecisionWatcher:

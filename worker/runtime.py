@@ -120,7 +120,11 @@ def _start_model(
 def load_served(settings: WorkerSettings, served: ServedVersion) -> LoadedModel:
     """A version named by a serving decision, fetched, checked and loaded."""
     version_dir, manifest = fetch_version(
-        served, settings.model_cache_dir, settings.model_name, check_files=False
+        served,
+        settings.model_cache_dir,
+        settings.model_name,
+        settings.artifact_auth,
+        check_files=False,
     )
     return load_version(settings, version_dir, manifest)
 

@@ -177,7 +177,11 @@ class Serving:
                     )
                 return loaded
         version_dir, manifest = fetch_version(
-            served, self.settings.model_cache_dir, self.settings.model_name, check_files=False
+            served,
+            self.settings.model_cache_dir,
+            self.settings.model_name,
+            self.settings.artifact_auth,
+            check_files=False,
         )
         return self._checked(load_version(self.settings, version_dir, manifest, explain_now=False))
 

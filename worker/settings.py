@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from contract.names import QUEUE_CPU
 from producer.settings import ConnectionSettings
+from training.fetch import ArtifactAuth, auth_headers
 
 
 class WorkerSettings(ConnectionSettings):
@@ -136,6 +137,33 @@ class WorkerSettings(ConnectionSettings):
     """Where the versions named by serving decisions are fetched to (checked, then renamed
     into place), <model_cache_dir>/<name>/<version>/."""
 
+    artifact_server: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("INFERENCE_ARTIFACT_SERVER", "MLFLOW_TRACKING_URI"),
+    )
+    """The MLflow server whose artifact REST API serves the decisions' versions: the
+    artifact credentials below are sent to its URLs, and to no other."""
+
+    artifact_token: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("INFERENCE_ARTIFACT_TOKEN", "MLFLOW_TRACKING_TOKEN"),
+        repr=False,
+    )
+    """Bearer token for artifact_server's downloads (as MLflow's clients send it)."""
+
+    artifact_username: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("INFERENCE_ARTIFACT_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+    )
+    """With artifact_password: basic auth for artifact_server's downloads (the token wins)."""
+
+    artifact_password: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("INFERENCE_ARTIFACT_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
+        repr=False,
+    )
+    """The password of artifact_username."""
+
     max_pinned_versions: int = Field(default=3, ge=0, le=32)
     """Versions kept loaded for jobs that pin one (least recently used dropped first),
     besides the champion and challenger."""
@@ -147,6 +175,14 @@ class WorkerSettings(ConnectionSettings):
     shadow_queue_rows: int = Field(default=65_536, ge=1, le=10_000_000)
     """Rows waiting for their shadow run, at most, per process: beyond it, new rows are
     served without one (counted as skipped), so the queue never holds much memory."""
+
+    @property
+    def artifact_auth(self) -> ArtifactAuth | None:
+        """Credentials for version downloads from artifact_server (None: sent nowhere)."""
+        if not self.artifact_server:
+            return None
+        headers = auth_headers(self.artifact_token, self.artifact_username, self.artifact_password)
+        return ArtifactAuth(self.artifact_server, headers) if headers else None
 
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> WorkerSettings:
